@@ -1,0 +1,211 @@
+"""The `fedfm` command line (typer + rich). Heavy libraries load inside commands only."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Any, List, Optional
+
+import typer
+from rich.console import Console
+
+from fedfm.errors import FedfmError
+
+app = typer.Typer(help="fedfm: federated adaptation of foundation models.", no_args_is_help=True,
+                  pretty_exceptions_enable=False, add_completion=False)
+data_app = typer.Typer(help="Datasets: list, fetch, and inspect client partitions.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+console = Console()
+err_console = Console(stderr=True)
+
+SetOpt = typer.Option(None, "--set", "-s", help="Override a config key, e.g. --set federation.rounds=3 (repeatable).")
+
+
+def _version(value: bool) -> None:
+    if value:
+        from fedfm import __version__
+
+        console.print(f"fedfm {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print the version and exit.")) -> None:
+    """Federate a foundation model: run experiments, inspect data, report results."""
+
+
+@app.command("run")
+def run_cmd(
+    config: Optional[Path] = typer.Argument(None, help="Experiment TOML (default: the built-in default experiment)."),
+    set_: Optional[List[str]] = SetOpt,
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory (default: runs/<config>-<time>)."),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in this directory from its last checkpoint."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+) -> None:
+    """Run an experiment (or resume one) and write its run directory."""
+    from fedfm.config import load_config
+    from fedfm.errors import ConfigError
+    from fedfm import runner
+
+    if resume is not None:
+        if config is not None or set_:
+            raise ConfigError("--resume continues a run with its saved config; do not pass CONFIG or --set with it")
+        target = resume
+    else:
+        cfg = load_config(config, set_ or [])
+        stem = config.stem if config else "default"
+        target = out or Path("runs") / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    console.print(f"[bold]fedfm[/] {'resuming' if resume else 'run'} -> {target}")
+    with _Progress(quiet) as progress:
+        if resume is not None:
+            summary = runner.resume(target, progress.callbacks())
+        else:
+            summary = runner.run(cfg, target, progress.callbacks())
+    _print_summary(summary, target)
+
+
+@app.command("report")
+def report_cmd(
+    run_dirs: List[Path] = typer.Argument(..., help="One or more run directories to compare."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Where to write report.md/report.csv/report.png."),
+) -> None:
+    """Table and plots comparing finished (or partial) runs, from their run directories alone."""
+    from fedfm.report.tables import build_report
+
+    table, written = build_report(run_dirs, out)
+    console.print(table)
+    for path in written:
+        console.print(f"wrote {path}")
+
+
+@app.command("models")
+def models_cmd() -> None:
+    """List model presets (any local HF model directory, or a hub id when online, also works)."""
+    from rich.table import Table
+
+    from fedfm.models.presets import PRESETS
+
+    table = Table("preset", "description")
+    for name in PRESETS.names():
+        table.add_row(name, PRESETS.get(name).description)
+    console.print(table)
+
+
+@data_app.command("list")
+def data_list() -> None:
+    """List bundled datasets (local .csv/.json/.jsonl/.parquet files and hf:ORG/NAME also work)."""
+    from rich.table import Table
+
+    from fedfm.data.sources import BUNDLED
+
+    table = Table("dataset", "description")
+    for name in BUNDLED.names():
+        table.add_row(name, BUNDLED.get(name).description)
+    console.print(table)
+
+
+@data_app.command("fetch")
+def data_fetch(names: List[str] = typer.Argument(..., help="Bundled dataset names.")) -> None:
+    """Download, verify (sha256) and cache bundled datasets."""
+    from fedfm.data.sources import BUNDLED
+
+    for name in names:
+        console.print(f"{name}: {BUNDLED.get(name).fetch()}")
+
+
+@data_app.command("show")
+def data_show(
+    config: Optional[Path] = typer.Argument(None, help="Experiment TOML (default: the default experiment)."),
+    set_: Optional[List[str]] = SetOpt,
+) -> None:
+    """Per-client sizes and label histograms of an experiment's partition."""
+    from rich.table import Table
+
+    from fedfm.config import load_config
+    from fedfm.experiment import prepare_data
+
+    cfg = load_config(config, set_ or [])
+    data, clients = prepare_data(cfg)
+    table = Table("client", "examples", *[f"{n}" for n in clients.label_names],
+                  title=f"{cfg.data.name}: {cfg.partition.method} partition over {cfg.federation.clients} clients")
+    for c, idx in enumerate(clients.train):
+        counts = [int((data.labels[idx] == k).sum()) for k in range(len(clients.label_names))]
+        table.add_row(str(c), str(len(idx)), *map(str, counts))
+    test_counts = [int((data.labels[clients.test] == k).sum()) for k in range(len(clients.label_names))]
+    table.add_row("test", str(len(clients.test)), *map(str, test_counts), style="bold")
+    console.print(table)
+
+
+class _Progress:
+    """Rich progress bars over rounds and over the clients of the current round."""
+
+    def __init__(self, quiet: bool) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.quiet = quiet
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TimeElapsedColumn(), TextColumn("{task.fields[info]}"), console=console,
+                                 disable=quiet)
+        self.rounds: Any = None
+        self.clients: Any = None
+
+    def __enter__(self) -> "_Progress":
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.progress.__exit__(*exc)
+
+    def callbacks(self) -> Any:
+        from fedfm.runner import Callbacks
+
+        return Callbacks(on_start=self._start, on_round_start=self._round_start,
+                         on_client=self._client, on_round_end=self._round_end)
+
+    def _start(self, first: int, last: int) -> None:
+        self.rounds = self.progress.add_task("rounds", total=last, completed=first - 1, info="")
+        self.clients = self.progress.add_task("clients", total=1, info="")
+
+    def _round_start(self, rnd: int, cohort: list[int]) -> None:
+        self.progress.reset(self.clients, total=len(cohort), info="")
+        self.progress.update(self.clients, description=f"round {rnd} clients")
+
+    def _client(self, result: Any) -> None:
+        self.progress.update(self.clients, advance=1, info=f"client {result.client_id} loss {result.metrics.get('train_loss', float('nan')):.3f}")
+
+    def _round_end(self, line: dict) -> None:
+        acc = line.get("accuracy")
+        info = f"acc {acc:.4f}" if acc is not None else ""
+        self.progress.update(self.rounds, advance=1, info=info)
+        if self.quiet:
+            return
+        console.log(f"round {line['round']}: train_loss {line['train_loss']:.4f}" + (f", test acc {acc:.4f}, f1 {line['f1']:.4f}" if acc is not None else "")
+                    + (f", rejected {len(line['rejected'])}" if line["rejected"] else ""))
+
+
+def _print_summary(summary: dict, target: Path) -> None:
+    acc, f1 = summary.get("accuracy"), summary.get("f1")
+    console.print(
+        f"[bold green]done[/]: {summary['rounds']} rounds, test accuracy "
+        f"{acc:.4f}, macro-F1 {f1:.4f}, up {summary['bytes_up'] / 1e6:.2f} MB, "
+        f"down {summary['bytes_down'] / 1e6:.2f} MB, {summary['wall_s']:.1f} s. Outputs in {target}"
+        if acc is not None else f"done: outputs in {target}"
+    )
+
+
+def main() -> None:
+    """Entry point: user errors become one paragraph and exit code 2, never a traceback."""
+    try:
+        app()
+    except FedfmError as e:
+        err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        err_console.print("interrupted; resume with `fedfm run --resume RUN_DIR` (the last completed round is kept)")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

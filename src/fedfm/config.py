@@ -1,0 +1,242 @@
+"""Experiment configuration: typed, strict, one TOML file per experiment.
+
+Every section forbids unknown keys and checks types and ranges at load time, so a
+typo or a bad value fails before any work, with a message naming the key, the
+value and what is allowed. ``--set key=value`` overrides any key.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from fedfm.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class ModelConfig(_Section):
+    name: str = "minilm-l6"
+    """A preset (see `fedfm models`), a local directory, or a hub name (online machines only)."""
+    max_length: int = Field(48, ge=4, le=4096)
+    """Tokens per example after truncation."""
+
+
+class AdapterConfig(_Section):
+    method: Literal["full", "head", "lora"] = "lora"
+    rank: int = Field(8, ge=1, le=1024)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    targets: Optional[list[str]] = None
+    """Module names LoRA wraps; None = the model preset's default (e.g. query, value)."""
+    train_head: bool = True
+    """LoRA: also train (and send) the task head, as a classifier head starts untrained."""
+
+
+class DataConfig(_Section):
+    name: str = "rotten-tomatoes"
+    """A bundled dataset (see `fedfm data list`), a local .csv/.json/.jsonl/.parquet file, or hf:ORG/NAME."""
+    max_examples: Optional[int] = Field(None, ge=2)
+    test_fraction: float = Field(0.2, gt=0, lt=1)
+    test_by_group: bool = False
+    """Hold out whole groups (e.g. movies) for the test set instead of random examples."""
+    text_column: str = "text"
+    label_column: str = "label"
+    group_column: Optional[str] = None
+    """Column for the natural partition of a local file (bundled sets define their own)."""
+    dedupe: bool = True
+    """Drop repeated texts so no test text also sits in training."""
+
+
+class PartitionConfig(_Section):
+    method: Literal["iid", "dirichlet", "shards", "natural"] = "iid"
+    alpha: float = Field(0.5, gt=0)
+    """Dirichlet concentration: small = skewed labels, large = close to IID."""
+    shards_per_client: int = Field(2, ge=1)
+    """Shards: number of label shards (so at most this many classes) per client."""
+    min_size: int = Field(1, ge=0)
+    """Dirichlet: resample until every client holds at least this many examples."""
+
+
+class FederationConfig(_Section):
+    clients: int = Field(10, ge=1)
+    clients_per_round: int = Field(10, ge=1)
+    rounds: int = Field(5, ge=1)
+
+    @model_validator(mode="after")
+    def _cohort_fits(self) -> "FederationConfig":
+        if self.clients_per_round > self.clients:
+            raise ValueError(
+                f"clients_per_round={self.clients_per_round} exceeds clients={self.clients}; "
+                "allowed: 1..clients"
+            )
+        return self
+
+
+class ClientConfig(_Section):
+    epochs: int = Field(1, ge=1)
+    max_steps: Optional[int] = Field(None, ge=1)
+    """Cap on local optimizer steps per round (None = run all epochs)."""
+    batch_size: int = Field(16, ge=1)
+    lr: float = Field(5e-4, gt=0)
+    optimizer: Literal["sgd", "adam", "adamw"] = "adamw"
+    weight_decay: float = Field(0.0, ge=0)
+    momentum: float = Field(0.0, ge=0, lt=1)
+    """SGD momentum (client side)."""
+    grad_clip: Optional[float] = Field(None, gt=0)
+
+
+class AlgorithmConfig(_Section):
+    name: Literal["fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad"] = "fedavg"
+    mu: float = Field(0.01, ge=0)
+    """FedProx proximal weight."""
+    server_lr: Optional[float] = Field(None, gt=0)
+    """Server step size; None = the algorithm's default (1.0 for FedAvg/FedProx/FedAvgM, 0.01 adaptive)."""
+    momentum: float = Field(0.9, ge=0, lt=1)
+    """FedAvgM server momentum."""
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.99, ge=0, lt=1)
+    tau: float = Field(1e-3, gt=0)
+    """Adaptivity (epsilon) of FedAdam/FedYogi/FedAdagrad (Reddi et al. 2021)."""
+
+
+class AggregatorConfig(_Section):
+    name: Literal["mean"] = "mean"
+    weighting: Literal["examples", "uniform"] = "examples"
+
+
+class EvalConfig(_Section):
+    every: int = Field(1, ge=1)
+    """Evaluate the global model every this many rounds (and always after the last)."""
+    batch_size: int = Field(128, ge=1)
+    max_examples: Optional[int] = Field(None, ge=1)
+    per_client: bool = False
+    """Also evaluate the global model on each client's local held-out split."""
+    client_test_fraction: float = Field(0.2, gt=0, lt=1)
+
+
+class RuntimeConfig(_Section):
+    name: Literal["inprocess"] = "inprocess"
+    threads: Optional[int] = Field(None, ge=1)
+    """torch intra-op threads (None = all cores)."""
+
+
+class CheckpointConfig(_Section):
+    every: int = Field(1, ge=1)
+    """Save the server state every this many rounds (and after the last)."""
+
+
+class ExperimentConfig(_Section):
+    seed: int = Field(0, ge=0)
+    task: Literal["classify"] = "classify"
+    model: ModelConfig = ModelConfig()
+    adapter: AdapterConfig = AdapterConfig()
+    data: DataConfig = DataConfig()
+    partition: PartitionConfig = PartitionConfig()
+    federation: FederationConfig = FederationConfig()
+    client: ClientConfig = ClientConfig()
+    algorithm: AlgorithmConfig = AlgorithmConfig()
+    aggregator: AggregatorConfig = AggregatorConfig()
+    eval: EvalConfig = EvalConfig()
+    runtime: RuntimeConfig = RuntimeConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "default.toml"
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Load a TOML experiment file (None = the default experiment) and apply ``key=value`` overrides.
+
+    Raises:
+        ConfigError: unreadable file, bad TOML, unknown key, wrong type or out-of-range value.
+    """
+    raw = read_toml(Path(path) if path is not None else DEFAULT_CONFIG)
+    for item in overrides or []:
+        key, value = parse_override(item)
+        set_dotted(raw, key, value)
+    return validate(raw)
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {str(path)!r} is not valid TOML: {e}") from None
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """Split ``key=value``; the value is read as a TOML literal, else kept as a string."""
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"override {item!r} is not of the form key=value (e.g. federation.rounds=3)")
+    text = text.strip()
+    try:
+        value = tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text
+    return key, value
+
+
+def set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+    node = raw
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"cannot set {key!r}: {part!r} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def validate(raw: dict[str, Any]) -> ExperimentConfig:
+    try:
+        return ExperimentConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e)) from None
+
+
+def format_validation_error(err: ValidationError) -> str:
+    lines = []
+    for item in err.errors():
+        key = ".".join(str(p) for p in item["loc"]) or "(config)"
+        if item["type"] == "extra_forbidden":
+            lines.append(f"unknown key {key!r}; allowed keys here: {', '.join(_allowed_keys(item['loc']))}")
+            continue
+        msg = item["msg"].removeprefix("Value error, ")
+        lines.append(f"{key} = {item['input']!r} is not allowed: {msg}")
+    return "invalid config: " + "; ".join(lines)
+
+
+def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
+    model: type[BaseModel] = ExperimentConfig
+    for part in loc[:-1]:
+        ann = model.model_fields[str(part)].annotation
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            break
+        model = ann
+    return sorted(model.model_fields)
+
+
+def to_toml(cfg: ExperimentConfig) -> str:
+    """The fully resolved config as TOML (None values are omitted: TOML has no null)."""
+    import tomli_w
+
+    return tomli_w.dumps(_drop_none(cfg.model_dump(mode="json")))
+
+
+def _drop_none(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: (_drop_none(v) if isinstance(v, dict) else v) for k, v in d.items() if v is not None}

@@ -1,0 +1,1 @@
+"""Data: sources, deduplication and splits, partitioners, tokenized client datasets."""

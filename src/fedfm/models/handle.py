@@ -1,0 +1,44 @@
+"""The shared model object of a simulation and its communicated parameters."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from fedfm.types import NamedTensors
+
+
+@dataclass
+class ModelHandle:
+    """One model shared by every simulated client; clients differ only in the
+    trainable state loaded into it, so memory never grows with clients x model size.
+
+    Attributes:
+        model: the (possibly peft-wrapped) transformers model.
+        tokenizer: its tokenizer.
+        trainable: name -> parameter of everything that trains (and travels), in model order.
+    """
+
+    model: Any
+    tokenizer: Any
+    trainable: dict[str, torch.nn.Parameter]
+
+    @classmethod
+    def wrap(cls, model: Any, tokenizer: Any) -> "ModelHandle":
+        trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        return cls(model=model, tokenizer=tokenizer, trainable=trainable)
+
+    def get_params(self) -> dict[str, torch.Tensor]:
+        """A detached copy of the trainable parameters."""
+        return {n: p.detach().clone() for n, p in self.trainable.items()}
+
+    def set_params(self, params: NamedTensors) -> None:
+        """Load communicated parameters into the shared model (names and shapes must match)."""
+        with torch.no_grad():
+            for n, p in self.trainable.items():
+                p.copy_(params[n])
+
+    def frozen_names(self) -> list[str]:
+        return [n for n, p in self.model.named_parameters() if not p.requires_grad]

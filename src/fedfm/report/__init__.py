@@ -1,0 +1,1 @@
+"""Metrics sink, tables and plots, built from run directories alone."""

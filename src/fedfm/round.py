@@ -1,0 +1,105 @@
+"""One federated round as numbered steps, state in and state out."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+
+from fedfm.aggregators.base import Aggregator
+from fedfm.algorithms.base import Algorithm
+from fedfm.runtime.base import Runtime
+from fedfm.tensors import all_finite
+from fedfm.types import ClientResult, ClientTask, ModelUpdate, NamedTensors, RoundReport, ServerState
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    """The fixed pieces every round uses (no per-round state lives here)."""
+
+    algorithm: Algorithm
+    aggregator: Aggregator
+    runtime: Runtime
+    num_clients: int
+    clients_per_round: int
+    seed: int
+
+
+def run_round(
+    state: ServerState, plan: RoundPlan, on_result: Optional[Callable[[ClientResult], None]] = None
+) -> tuple[ServerState, RoundReport]:
+    """Run round ``state.round + 1`` and return the new state and its report."""
+    start = time.perf_counter()
+    rnd = state.round + 1
+    # 1. sample the cohort
+    cohort = sample_cohort(plan.seed, rnd, plan.num_clients, plan.clients_per_round)
+    # 2. one task per client: the global trainable params plus the algorithm's payload
+    tasks = make_tasks(state, rnd, cohort, plan)
+    # 3. the runtime delivers tasks and collects results
+    results = plan.runtime.run(tasks, on_result)
+    # 4. reject malformed updates (NaN/Inf, wrong names or shapes); the round goes on without them
+    accepted, rejected = screen(results, state.params)
+    # 5. aggregate and 6. apply the algorithm's server step
+    params, opt_state = dict(state.params), dict(state.opt_state)
+    if accepted:
+        delta = plan.aggregator.aggregate([r.update for r in accepted])  # type: ignore[misc]
+        params, opt_state = plan.algorithm.server_update(state.params, state.opt_state, delta)
+    report = RoundReport(
+        round=rnd, clients=tuple(cohort), train_loss=_weighted_loss(accepted),
+        bytes_up=sum(r.bytes_up for r in results), bytes_down=sum(r.bytes_down for r in results),
+        rejected=tuple(rejected), wall_s=time.perf_counter() - start,
+    )
+    return ServerState(round=rnd, params=params, opt_state=opt_state), report
+
+
+def sample_cohort(seed: int, rnd: int, num_clients: int, k: int) -> list[int]:
+    """k distinct clients, uniformly, from a generator keyed by (seed, round): resumable."""
+    rng = np.random.default_rng([seed, rnd, 0xC0])
+    return sorted(int(c) for c in rng.choice(num_clients, size=k, replace=False))
+
+
+def make_tasks(state: ServerState, rnd: int, cohort: Sequence[int], plan: RoundPlan) -> list[ClientTask]:
+    payload = plan.algorithm.client_payload()
+    return [
+        ClientTask(round=rnd, client_id=c, params=state.params, seed=client_seed(plan.seed, rnd, c), payload=payload)
+        for c in cohort
+    ]
+
+
+def client_seed(seed: int, rnd: int, client: int) -> int:
+    return int(np.random.default_rng([seed, rnd, client, 0x5EED]).integers(2**31 - 1))
+
+
+def screen(results: Sequence[ClientResult], params: NamedTensors) -> tuple[list[ClientResult], list[dict]]:
+    accepted, rejected = [], []
+    for r in results:
+        reason = r.error if r.update is None else check_update(r.update, params)
+        if reason is None:
+            accepted.append(r)
+        else:
+            rejected.append({"client": r.client_id, "reason": reason})
+    return accepted, rejected
+
+
+def check_update(update: ModelUpdate, params: NamedTensors) -> Optional[str]:
+    """Why ``update`` cannot be aggregated against ``params``, or None if it can."""
+    if list(update.delta) != list(params):
+        missing = sorted(set(params) - set(update.delta))[:3]
+        extra = sorted(set(update.delta) - set(params))[:3]
+        return f"parameter names differ (missing {missing}, unexpected {extra})"
+    for k, v in update.delta.items():
+        if tuple(v.shape) != tuple(params[k].shape):
+            return f"shape of {k} is {tuple(v.shape)}, expected {tuple(params[k].shape)}"
+    if not all_finite(update.delta):
+        return "update contains NaN or Inf"
+    if not (update.weight > 0 and np.isfinite(update.weight)):
+        return f"weight {update.weight} is not a positive finite number"
+    return None
+
+
+def _weighted_loss(results: Sequence[ClientResult]) -> float:
+    pairs = [(r.metrics["train_loss"], r.update.num_examples) for r in results if r.update is not None]
+    total = sum(n for _, n in pairs)
+    return float(sum(l * n for l, n in pairs) / total) if total else float("nan")

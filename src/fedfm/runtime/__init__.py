@@ -1,0 +1,1 @@
+"""Runtimes: where client work runs."""

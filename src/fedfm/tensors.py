@@ -1,0 +1,57 @@
+"""Small arithmetic on NamedTensors (name-aligned, order-preserving)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable, Iterable, Sequence
+
+if TYPE_CHECKING:
+    import torch
+
+    from fedfm.types import NamedTensors
+
+
+def zip_map(fn: "Callable[..., torch.Tensor]", *trees: "NamedTensors") -> "dict[str, torch.Tensor]":
+    """Apply ``fn`` name by name over trees sharing the first tree's names."""
+    first = trees[0]
+    return {k: fn(*(t[k] for t in trees)) for k in first}
+
+
+def sub(a: "NamedTensors", b: "NamedTensors") -> "dict[str, torch.Tensor]":
+    return zip_map(lambda x, y: x - y, a, b)
+
+
+def add(a: "NamedTensors", b: "NamedTensors") -> "dict[str, torch.Tensor]":
+    return zip_map(lambda x, y: x + y, a, b)
+
+
+def scale(a: "NamedTensors", s: float) -> "dict[str, torch.Tensor]":
+    return {k: v * s for k, v in a.items()}
+
+
+def clone(a: "NamedTensors") -> "dict[str, torch.Tensor]":
+    return {k: v.detach().clone() for k, v in a.items()}
+
+
+def weighted_sum(trees: "Sequence[NamedTensors]", weights: Iterable[float]) -> "dict[str, torch.Tensor]":
+    """sum_i w_i * tree_i, accumulated in float64 so the result does not depend on summation order
+    beyond float64 rounding, then cast back to each tensor's dtype."""
+    import torch
+
+    ws = list(weights)
+    out = {}
+    for k, ref in trees[0].items():
+        acc = torch.zeros(ref.shape, dtype=torch.float64)
+        for t, w in zip(trees, ws):
+            acc += t[k].to(torch.float64) * w
+        out[k] = acc.to(ref.dtype)
+    return out
+
+
+def numel(a: "NamedTensors") -> int:
+    return sum(v.numel() for v in a.values())
+
+
+def all_finite(a: "NamedTensors") -> bool:
+    import torch
+
+    return all(bool(torch.isfinite(v).all()) for v in a.values())

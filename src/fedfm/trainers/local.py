@@ -1,0 +1,82 @@
+"""The plain local training loop: a client's data, its optimizer, its steps."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from fedfm.algorithms.base import Algorithm
+from fedfm.config import ClientConfig
+from fedfm.data.tokenized import TokenizedTexts
+from fedfm.models.handle import ModelHandle
+from fedfm.types import ClientTask
+
+
+@dataclass
+class LocalTrainer:
+    """Trains the shared model in place for each task, one task at a time.
+
+    Attributes:
+        handle: the shared model; its trainable state is overwritten per task.
+        data: the tokenized training pool.
+        client_indices: client id -> indices into ``data``.
+        cfg: local optimization settings.
+        algorithm: supplies the client regularizer (e.g. FedProx).
+    """
+
+    handle: ModelHandle
+    data: TokenizedTexts
+    client_indices: Sequence[np.ndarray]
+    cfg: ClientConfig
+    algorithm: Algorithm
+
+    def train_many(self, tasks: Sequence[ClientTask]) -> list[tuple[dict[str, torch.Tensor], dict[str, float]]]:
+        return [self.train(t) for t in tasks]
+
+    def train(self, task: ClientTask) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        """Load the task's params, run local steps, return (new params, metrics)."""
+        self.handle.set_params(task.params)
+        torch.manual_seed(task.seed)  # dropout masks; the only use of torch's global RNG
+        rng = np.random.default_rng(task.seed)
+        params = self.handle.trainable
+        optimizer = make_optimizer(self.cfg, list(params.values()))
+        model = self.handle.model
+        model.train()
+        losses = []
+        for batch_idx in self._batches(self.client_indices[task.client_id], rng):
+            loss = model(**self.data.batch(batch_idx)).loss
+            reg = self.algorithm.client_regularizer(params, task.params, task.payload)
+            if reg is not None:
+                loss = loss + reg
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if self.cfg.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(params.values(), self.cfg.grad_clip)
+            optimizer.step()
+            losses.append(float(loss.detach()))
+        n = len(self.client_indices[task.client_id])
+        metrics = {"train_loss": float(np.mean(losses)) if losses else float("nan"),
+                   "steps": float(len(losses)), "num_examples": float(n)}
+        return self.handle.get_params(), metrics
+
+    def _batches(self, idx: np.ndarray, rng: np.random.Generator) -> Any:
+        steps = 0
+        bs = self.cfg.batch_size
+        for _ in range(self.cfg.epochs):
+            perm = rng.permutation(idx)
+            for start in range(0, len(perm), bs):
+                if self.cfg.max_steps is not None and steps >= self.cfg.max_steps:
+                    return
+                yield perm[start : start + bs]
+                steps += 1
+
+
+def make_optimizer(cfg: ClientConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)

@@ -1,0 +1,40 @@
+"""Shared fixtures. Tests never touch a hub: everything is offline and tiny."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+from fedfm.config import load_config  # noqa: E402
+
+TINY = [
+    'model.name="tiny-bert"', "model.max_length=32", 'adapter.method="full"',
+    "data.max_examples=600", "data.test_fraction=0.25",
+    'partition.method="iid"', "federation.clients=4", "federation.clients_per_round=2",
+    "federation.rounds=2", "client.max_steps=3", "client.batch_size=16", "client.lr=1e-3",
+    "runtime.threads=1",
+]
+
+
+@pytest.fixture
+def tiny_cfg():
+    """A config factory: the tiny experiment with extra ``key=value`` overrides."""
+
+    def make(*overrides: str):
+        return load_config(None, TINY + list(overrides))
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def rt_cache() -> Path:
+    """The cached Rotten Tomatoes file (fetched once per machine)."""
+    from fedfm.data.sources import BUNDLED
+
+    return BUNDLED.get("rotten-tomatoes").fetch()

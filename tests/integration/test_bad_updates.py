@@ -1,0 +1,61 @@
+"""Malformed client updates are rejected and logged; the round completes with the rest."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from fedfm.experiment import Experiment
+from fedfm.round import run_round
+from fedfm.tensors import weighted_sum
+
+
+class Corrupting:
+    """Replaces the first client's update with NaNs and the second's with a wrong shape."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def run(self, tasks, on_result=None):
+        out = self.inner.run(tasks, on_result)
+        bad_nan = {k: torch.full_like(v, float("nan")) for k, v in out[0].update.delta.items()}
+        first = next(iter(out[1].update.delta))
+        bad_shape = dict(out[1].update.delta, **{first: torch.zeros(3, 3, 3)})
+        out[0] = dataclasses.replace(out[0], update=dataclasses.replace(out[0].update, delta=bad_nan))
+        out[1] = dataclasses.replace(out[1], update=dataclasses.replace(out[1].update, delta=bad_shape))
+        return out
+
+
+def test_bad_updates_rejected_round_completes(tiny_cfg):
+    exp = Experiment.build(tiny_cfg("federation.clients_per_round=4", 'adapter.method="lora"'))
+    plan = dataclasses.replace(exp.plan, runtime=Corrupting(exp.plan.runtime))
+    captured = []
+    inner_run = plan.runtime.inner.run
+
+    def spy(tasks, on_result=None):
+        out = inner_run(tasks, on_result)
+        captured.extend(out)
+        return out
+
+    plan.runtime.inner.run = spy
+    state = exp.initial_state()
+    new, report = run_round(state, plan)
+    reasons = sorted(r["reason"] for r in report.rejected)
+    assert len(reasons) == 2
+    assert any("NaN" in r for r in reasons) and any("shape" in r for r in reasons)
+    good = [r.update for r in captured[2:]]
+    total = sum(u.weight for u in good)
+    expected = weighted_sum([u.delta for u in good], [u.weight / total for u in good])
+    for k in state.params:
+        assert torch.allclose(new.params[k], state.params[k] + expected[k], atol=1e-6)
+        assert torch.isfinite(new.params[k]).all()
+
+
+def test_all_rejected_keeps_params(tiny_cfg):
+    exp = Experiment.build(tiny_cfg("federation.clients_per_round=2"))
+    plan = dataclasses.replace(exp.plan, runtime=Corrupting(exp.plan.runtime))
+    state = exp.initial_state()
+    new, report = run_round(state, plan)
+    assert len(report.rejected) == 2 and new.round == 1
+    assert all(torch.equal(new.params[k], state.params[k]) for k in state.params)

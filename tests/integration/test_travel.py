@@ -1,0 +1,63 @@
+"""Only trainable parameters travel; the frozen base never does."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from fedfm import wire
+from fedfm.experiment import Experiment
+from fedfm.round import run_round
+
+
+class Recorder:
+    """Wraps a runtime and keeps what it was asked to send."""
+
+    def __init__(self, inner):
+        self.inner, self.sent, self.results = inner, [], []
+
+    def run(self, tasks, on_result=None):
+        self.sent.extend(tasks)
+        out = self.inner.run(tasks, on_result)
+        self.results.extend(out)
+        return out
+
+
+@pytest.mark.parametrize("method", ["lora", "head", "full"])
+def test_only_trainable_travels(tiny_cfg, method):
+    exp = Experiment.build(tiny_cfg(f'adapter.method="{method}"', "federation.rounds=1"))
+    rec = Recorder(exp.plan.runtime)
+    plan = dataclasses.replace(exp.plan, runtime=rec)
+    state = exp.initial_state()
+    run_round(state, plan)
+    trainable = list(exp.handle.trainable)
+    frozen = set(exp.handle.frozen_names())
+    for task in rec.sent:
+        assert list(task.params) == trainable
+        assert not frozen & set(task.params)
+    for r in rec.results:
+        assert list(r.update.delta) == trainable
+        assert r.bytes_down == len(wire.encode(state.params))
+        assert r.bytes_up == len(wire.encode(r.update.delta))
+    total = sum(p.numel() for p in exp.handle.model.parameters())
+    sent = sum(v.numel() for v in rec.sent[0].params.values())
+    if method == "full":
+        assert not frozen and sent == total
+    else:
+        assert frozen and sent < 0.2 * total
+    if method == "head":
+        assert all(n.startswith("classifier.") for n in trainable)
+    if method == "lora":
+        assert all("lora_" in n or "classifier" in n for n in trainable)
+        assert any("lora_A" in n for n in trainable)
+
+
+def test_frozen_base_unchanged_by_training(tiny_cfg):
+    import torch
+
+    exp = Experiment.build(tiny_cfg('adapter.method="lora"', "federation.rounds=1"))
+    before = {n: p.detach().clone() for n, p in exp.handle.model.named_parameters() if not p.requires_grad}
+    run_round(exp.initial_state(), exp.plan)
+    after = dict(exp.handle.model.named_parameters())
+    assert all(torch.equal(before[n], after[n]) for n in before)
