@@ -58,7 +58,8 @@ def floor_side(a: argparse.Namespace) -> dict:
     t0 = time.perf_counter()
     cfg = load_config(None, _overrides(a))
     torch.set_num_threads(a.threads)
-    data, clients = prepare_data(cfg)
+    roles = prepare_data(cfg)
+    data, clients = roles.pool, roles
     model, tok = load_classifier(cfg.model.name, data.num_classes, cfg.seed)
     assert isinstance(model, torch.nn.Module) and AutoModelForSequenceClassification
     if a.adapter == "lora":

@@ -66,6 +66,45 @@ def run_cmd(
     _print_summary(summary, target)
 
 
+@app.command("compare")
+def compare_cmd(
+    config: Path = typer.Argument(..., help="Experiment TOML with public and private data and a schedule."),
+    seeds: int = typer.Option(3, "--seeds", min=1, help="Seeds 0..N-1 per paradigm."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output directory (table.md, table.csv, PNG plots, runs)."),
+    set_: Optional[List[str]] = SetOpt,
+    paradigms: str = typer.Option("central,fl,ffm,pooled", "--paradigms", help="Comma-separated subset to run."),
+) -> None:
+    """Compare central (public only), fl (private via FL), ffm (the schedule) and pooled (all data
+    centralized) on the same data, seeds and compute budget. Interrupted compares resume."""
+    from fedfm.compare import PARADIGMS, run_compare
+    from fedfm.config import load_config
+    from fedfm.errors import ConfigError
+
+    chosen = [p.strip() for p in paradigms.split(",") if p.strip()]
+    bad = [p for p in chosen if p not in PARADIGMS]
+    if bad or not chosen:
+        raise ConfigError(f"--paradigms {paradigms!r}: unknown {bad}; allowed: {', '.join(PARADIGMS)}")
+    cfg = load_config(config, set_ or [])
+    run_compare(cfg, list(range(seeds)), out, chosen)
+    console.print((out / "table.md").read_text())
+    console.print(f"wrote {out / 'table.md'}, {out / 'table.csv'} and plots in {out}")
+
+
+@app.command("sweep")
+def sweep_cmd(
+    config: Optional[Path] = typer.Argument(None, help="Experiment TOML (default: the default experiment)."),
+    grid: List[str] = typer.Option(..., "--grid", "-g", help="key=v1,v2,... (repeatable; the grid is their product)."),
+    seeds: int = typer.Option(1, "--seeds", min=1),
+    out: Path = typer.Option(..., "--out", "-o"),
+    set_: Optional[List[str]] = SetOpt,
+) -> None:
+    """Run a grid over config keys (e.g. the adaptive policy's threshold and window) and tabulate it."""
+    from fedfm.sweep import run_sweep
+
+    run_sweep(config, set_ or [], grid, list(range(seeds)), out)
+    console.print((out / "sweep.md").read_text())
+
+
 @app.command("report")
 def report_cmd(
     run_dirs: List[Path] = typer.Argument(..., help="One or more run directories to compare."),
@@ -108,11 +147,20 @@ def data_list() -> None:
 
 @data_app.command("fetch")
 def data_fetch(names: List[str] = typer.Argument(..., help="Bundled dataset names.")) -> None:
-    """Download, verify (sha256) and cache bundled datasets."""
+    """Download, verify (sha256) and cache bundled datasets and corpora."""
+    from fedfm.data.corpora import FETCHERS
     from fedfm.data.sources import BUNDLED
+    from fedfm.errors import DataError
 
     for name in names:
-        console.print(f"{name}: {BUNDLED.get(name).fetch()}")
+        if name in BUNDLED:
+            path = BUNDLED.get(name).fetch()
+        elif name in FETCHERS:
+            path = FETCHERS[name]()
+        else:
+            known = sorted(set(BUNDLED.names()) | set(FETCHERS))
+            raise DataError(f"unknown dataset {name!r}; allowed: {', '.join(known)}")
+        console.print(f"{name}: {path if isinstance(path, Path) else path[0].parent}")
 
 
 @data_app.command("show")
@@ -127,14 +175,19 @@ def data_show(
     from fedfm.experiment import prepare_data
 
     cfg = load_config(config, set_ or [])
-    data, clients = prepare_data(cfg)
-    table = Table("client", "examples", *[f"{n}" for n in clients.label_names],
-                  title=f"{cfg.data.name}: {cfg.partition.method} partition over {cfg.federation.clients} clients")
-    for c, idx in enumerate(clients.train):
-        counts = [int((data.labels[idx] == k).sum()) for k in range(len(clients.label_names))]
-        table.add_row(str(c), str(len(idx)), *map(str, counts))
-    test_counts = [int((data.labels[clients.test] == k).sum()) for k in range(len(clients.label_names))]
-    table.add_row("test", str(len(clients.test)), *map(str, test_counts), style="bold")
+    roles = prepare_data(cfg)
+    labels, names = roles.pool.labels, roles.label_names
+    table = Table("client", "examples", *names, "validation",
+                  title=f"{cfg.private_data}: {cfg.partition.method} partition over {cfg.federation.clients} clients")
+
+    def hist(idx: Any) -> list[str]:
+        return [str(int((labels[idx] == k).sum())) for k in range(len(names))]
+
+    for c, idx in enumerate(roles.train):
+        table.add_row(str(c), str(len(idx)), *hist(idx), str(len(roles.val[c])))
+    if roles.public is not None:
+        table.add_row("public (server)", str(len(roles.public)), *hist(roles.public), "", style="cyan")
+    table.add_row("test", str(len(roles.test)), *hist(roles.test), "", style="bold")
     console.print(table)
 
 
@@ -164,7 +217,7 @@ class _Progress:
         return Callbacks(on_start=self._start, on_round_start=self._round_start,
                          on_client=self._client, on_round_end=self._round_end)
 
-    def _start(self, first: int, last: int) -> None:
+    def _start(self, first: int, last: Optional[int]) -> None:
         self.rounds = self.progress.add_task("rounds", total=last, completed=first - 1, info="")
         self.clients = self.progress.add_task("clients", total=1, info="")
 
@@ -181,7 +234,9 @@ class _Progress:
         self.progress.update(self.rounds, advance=1, info=info)
         if self.quiet:
             return
-        console.log(f"round {line['round']}: train_loss {line['train_loss']:.4f}" + (f", test acc {acc:.4f}, f1 {line['f1']:.4f}" if acc is not None else "")
+        console.log(f"{line['phase']} stage {line['round']}: train_loss {line['train_loss']:.4f}"
+                    + (f", val_loss {line['val_loss']:.4f}" if line.get("val_loss") is not None else "")
+                    + (f", test acc {acc:.4f}, f1 {line['f1']:.4f}" if acc is not None else "")
                     + (f", rejected {len(line['rejected'])}" if line["rejected"] else ""))
 
 

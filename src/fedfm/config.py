@@ -33,7 +33,7 @@ class ModelConfig(_Section):
 
 
 class AdapterConfig(_Section):
-    method: Literal["full", "head", "lora"] = "lora"
+    method: Literal["full", "head", "lora", "prompt", "ptuning", "prefix"] = "lora"
     rank: int = Field(8, ge=1, le=1024)
     alpha: float = Field(16.0, gt=0)
     dropout: float = Field(0.0, ge=0, lt=1)
@@ -41,11 +41,28 @@ class AdapterConfig(_Section):
     """Module names LoRA wraps; None = the model preset's default (e.g. query, value)."""
     train_head: bool = True
     """LoRA: also train (and send) the task head, as a classifier head starts untrained."""
+    virtual_tokens: int = Field(20, ge=1, le=512)
+    """prompt/ptuning/prefix: number of virtual prompt tokens."""
+    encoder_hidden: int = Field(128, ge=1)
+    """ptuning: hidden size of the prompt encoder (the prompt generator)."""
 
 
 class DataConfig(_Section):
     name: str = "rotten-tomatoes"
-    """A bundled dataset (see `fedfm data list`), a local .csv/.json/.jsonl/.parquet file, or hf:ORG/NAME."""
+    """The private dataset, partitioned over clients: a bundled dataset (`fedfm data list`, with an
+    optional group filter such as vader:tweets+nyt), a local .csv/.json/.jsonl/.parquet file, or hf:ORG/NAME."""
+    private: Optional[str] = None
+    """Alias of `name` (the FFM papers' term); set one of the two."""
+    public: Optional[str] = None
+    """Dataset held by the server for central phases (same forms as `name`), or "share" for a
+    `public_fraction` share of the private training pool."""
+    public_fraction: float = Field(0.1, gt=0, lt=1)
+    public_max_examples: Optional[int] = Field(None, ge=1)
+    test: Optional[str] = None
+    """Test set: None = a held-out split of the private data; else a dataset used whole."""
+    val_fraction: Optional[float] = Field(None, ge=0, lt=1)
+    """Share of each client's data held out for validation (what adaptive policies watch);
+    None = 0.1 under adaptive/bandit schedules, 0 otherwise."""
     max_examples: Optional[int] = Field(None, ge=2)
     test_fraction: float = Field(0.2, gt=0, lt=1)
     test_by_group: bool = False
@@ -56,6 +73,34 @@ class DataConfig(_Section):
     """Column for the natural partition of a local file (bundled sets define their own)."""
     dedupe: bool = True
     """Drop repeated texts so no test text also sits in training."""
+
+
+class ScheduleConfig(_Section):
+    """Central (server, public data) and federated (clients, private data) phases."""
+
+    policy: Literal["fixed", "adaptive", "bandit"] = "fixed"
+    central_steps: int = Field(0, ge=0)
+    """Server optimizer steps per central stage; 0 = no central phase (plain FL)."""
+    central_stages: int = Field(1, ge=1)
+    """fixed: central stages per central phase."""
+    rounds_per_phase: int = Field(1, ge=1)
+    """fixed: federated rounds per federated phase."""
+    start: Literal["central", "federated"] = "central"
+    threshold: float = Field(0.01, ge=0)
+    """adaptive: switch when validation-loss improvement over `window` evaluations is below this."""
+    window: int = Field(2, ge=1)
+    patience: int = Field(1, ge=1)
+    min_phase: int = Field(1, ge=1)
+    exploration: float = Field(0.5, ge=0)
+    """bandit: UCB exploration weight c."""
+    budget_rounds: Optional[int] = Field(None, ge=1)
+    """Cap on stages (central stages + federated rounds); federated rounds are also capped by federation.rounds."""
+    budget_compute: Optional[float] = Field(None, gt=0)
+    """Cap on training examples processed (server + clients)."""
+    central_lr: Optional[float] = Field(None, gt=0)
+    """Server learning rate (None = client.lr)."""
+    central_batch_size: Optional[int] = Field(None, ge=1)
+    """Server batch size (None = client.batch_size)."""
 
 
 class PartitionConfig(_Section):
@@ -139,10 +184,15 @@ class CheckpointConfig(_Section):
 class ExperimentConfig(_Section):
     seed: int = Field(0, ge=0)
     task: Literal["classify"] = "classify"
+    paradigm: Literal["ffm", "central", "fl", "pooled"] = "ffm"
+    """ffm: the schedule as configured (plain FL when it has no central phase); central: server
+    training on public data only; fl: federated rounds only; pooled: server training on public
+    plus all private training data (an upper bound no deployment can have)."""
     model: ModelConfig = ModelConfig()
     adapter: AdapterConfig = AdapterConfig()
     data: DataConfig = DataConfig()
     partition: PartitionConfig = PartitionConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
     federation: FederationConfig = FederationConfig()
     client: ClientConfig = ClientConfig()
     algorithm: AlgorithmConfig = AlgorithmConfig()
@@ -150,6 +200,44 @@ class ExperimentConfig(_Section):
     eval: EvalConfig = EvalConfig()
     runtime: RuntimeConfig = RuntimeConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
+
+    @model_validator(mode="after")
+    def _roles_fit_schedule(self) -> "ExperimentConfig":
+        d, s = self.data, self.schedule
+        if self.paradigm == "central" and d.public is None:
+            raise ValueError("paradigm='central' trains on public data only, but data.public is not set")
+        if self.paradigm in ("central", "pooled") and s.central_steps == 0:
+            raise ValueError(f"paradigm={self.paradigm!r} runs central stages; set schedule.central_steps > 0")
+        if self.paradigm != "ffm":
+            return self
+        if d.private is not None and d.name != DataConfig().name and d.private != d.name:
+            raise ValueError(f"data.name={d.name!r} and data.private={d.private!r} disagree; set only one")
+        if d.public is not None and s.central_steps == 0:
+            raise ValueError(
+                f"data.public={d.public!r} is set but the schedule has no central phase "
+                "(schedule.central_steps=0); set schedule.central_steps > 0 or drop data.public"
+            )
+        if d.public is None and s.central_steps > 0:
+            raise ValueError(
+                f"schedule.central_steps={s.central_steps} asks for central phases but no public data is "
+                "set; set data.public (a dataset, or \"share\") or schedule.central_steps=0"
+            )
+        if s.policy != "fixed" and s.central_steps == 0:
+            raise ValueError(f"schedule.policy={s.policy!r} switches between phases but there is no central "
+                             "phase (schedule.central_steps=0); use policy \"fixed\" for plain FL")
+        if s.policy != "fixed" and d.val_fraction == 0:
+            raise ValueError(f"schedule.policy={s.policy!r} watches a validation loss; data.val_fraction must be > 0")
+        return self
+
+    @property
+    def private_data(self) -> str:
+        return self.data.private or self.data.name
+
+    @property
+    def val_fraction(self) -> float:
+        if self.data.val_fraction is not None:
+            return self.data.val_fraction
+        return 0.1 if self.schedule.policy != "fixed" else 0.0
 
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "default.toml"
@@ -217,7 +305,10 @@ def format_validation_error(err: ValidationError) -> str:
             lines.append(f"unknown key {key!r}; allowed keys here: {', '.join(_allowed_keys(item['loc']))}")
             continue
         msg = item["msg"].removeprefix("Value error, ")
-        lines.append(f"{key} = {item['input']!r} is not allowed: {msg}")
+        if isinstance(item["input"], dict):  # a rule across keys: the message names them
+            lines.append(msg if not item["loc"] else f"[{key}] {msg}")
+        else:
+            lines.append(f"{key} = {item['input']!r} is not allowed: {msg}")
     return "invalid config: " + "; ".join(lines)
 
 

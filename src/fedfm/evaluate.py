@@ -9,7 +9,7 @@ from fedfm.data.tokenized import TokenizedTexts
 from fedfm.models.handle import ModelHandle
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def evaluate(handle: ModelHandle, data: TokenizedTexts, idx: np.ndarray, batch_size: int) -> dict[str, float]:
     """Mean cross-entropy, accuracy and macro-F1 of ``handle``'s current params on ``data[idx]``.
     Examples are batched in length order (same result, less padding)."""

@@ -1,4 +1,4 @@
-"""Build an experiment's components from its config: data, partitions, model, round plan."""
+"""Build an experiment's components from its config: data roles, model, round plan, trainers."""
 
 from __future__ import annotations
 
@@ -9,63 +9,27 @@ from typing import TYPE_CHECKING, Optional
 import numpy as np
 
 from fedfm.config import ExperimentConfig
-from fedfm.errors import DataError
 
 if TYPE_CHECKING:
+    from fedfm.data.roles import DataRoles
     from fedfm.data.tokenized import TokenizedTexts
     from fedfm.models.handle import ModelHandle
     from fedfm.round import RoundPlan
+    from fedfm.trainers.local import LocalTrainer
     from fedfm.types import NamedTensors, ServerState
 
-
-@dataclass
-class ClientData:
-    """The federated view of the data, all as indices into one tokenized pool."""
-
-    label_names: list[str]
-    train: list[np.ndarray]  # per client
-    local_test: Optional[list[np.ndarray]]  # per client, when eval.per_client
-    test: np.ndarray
+SERVER = -1
+"""Client id of the server when it trains on public data (central stages)."""
 
 
-def prepare_data(cfg: ExperimentConfig):  # type: ignore[no-untyped-def]
-    """Load, deduplicate, subsample, split and partition. Returns (LabeledTexts, ClientData)."""
-    from fedfm.data.partition import partition
-    from fedfm.data.sources import load_source
-    from fedfm.data.split import dedupe, train_test_split
+def prepare_data(cfg: ExperimentConfig) -> "DataRoles":
+    """Every data role of ``cfg`` as index sets into one pool (see fedfm.data.roles)."""
+    from fedfm.data.roles import prepare_roles
 
-    d = cfg.data
-    data = load_source(d.name, d.text_column, d.label_column, d.group_column)
-    if d.dedupe:
-        data = dedupe(data)
-    if d.max_examples is not None and d.max_examples < len(data):
-        keep = np.random.default_rng([cfg.seed, 0xDA7A]).choice(len(data), d.max_examples, replace=False)
-        data = data.subset(np.sort(keep))
-    if data.num_classes < 2:
-        raise DataError(f"dataset {d.name!r} has {data.num_classes} label value(s); classification needs >= 2")
-    train, test = train_test_split(data, d.test_fraction, d.test_by_group, cfg.seed)
-    if cfg.eval.max_examples is not None and cfg.eval.max_examples < len(test):
-        rng = np.random.default_rng([cfg.seed, 0xE7A1])
-        test = np.sort(rng.choice(test, cfg.eval.max_examples, replace=False))
-    groups = None if data.groups is None else data.groups[train]
-    parts = [train[p] for p in partition(data.labels[train], groups, cfg.federation.clients, cfg.seed, cfg.partition)]
-    local_test = None
-    if cfg.eval.per_client:
-        parts, local_test = _local_splits(parts, cfg.eval.client_test_fraction, cfg.seed)
-    return data, ClientData(label_names=data.label_names, train=parts, local_test=local_test, test=test)
+    return prepare_roles(cfg)
 
 
-def _local_splits(parts: list[np.ndarray], fraction: float, seed: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    train, test = [], []
-    for c, idx in enumerate(parts):
-        perm = np.random.default_rng([seed, c, 0x10CA]).permutation(idx)
-        n_test = int(round(fraction * len(idx))) if len(idx) > 1 else 0
-        test.append(np.sort(perm[:n_test]))
-        train.append(np.sort(perm[n_test:]))
-    return train, test
-
-
-def build_model(cfg: ExperimentConfig, num_labels: int):  # type: ignore[no-untyped-def]
+def build_model(cfg: ExperimentConfig, num_labels: int) -> "ModelHandle":
     """The shared model with its adapter applied, as a ModelHandle."""
     import fedfm.adapters  # noqa: F401  (registration)
     from fedfm.adapters.base import ADAPTERS
@@ -86,7 +50,6 @@ def set_threads(cfg: ExperimentConfig) -> None:
 
     # transformers 5 deprecation noise raised from inside peft; not actionable by users.
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-
     torch.set_num_threads(cfg.runtime.threads or os.cpu_count() or 1)
 
 
@@ -96,9 +59,10 @@ class Experiment:
 
     cfg: ExperimentConfig
     handle: ModelHandle
-    tokens: TokenizedTexts  # the whole (deduplicated) dataset, tokenized once
-    clients: ClientData
+    tokens: TokenizedTexts  # the whole pool, tokenized once
+    data: DataRoles
     plan: RoundPlan
+    central: Optional[LocalTrainer]  # the server's trainer on public data, if any
 
     @classmethod
     def build(cls, cfg: ExperimentConfig) -> "Experiment":
@@ -111,14 +75,18 @@ class Experiment:
 
         set_threads(cfg)
         algorithm, aggregator = build_algorithm(cfg.algorithm), build_aggregator(cfg.aggregator)
-        data, clients = prepare_data(cfg)
-        handle = build_model(cfg, data.num_classes)
-        tokens = tokenize(data.texts, data.labels, handle.tokenizer, cfg.model.max_length)
-        trainer = LocalTrainer(handle, tokens, clients.train, cfg.client, algorithm)
+        data = prepare_data(cfg)
+        handle = build_model(cfg, data.pool.num_classes)
+        tokens = tokenize(data.pool.texts, data.pool.labels, handle.tokenizer, cfg.model.max_length)
+        clients = {c: idx for c, idx in enumerate(data.train)}
+        trainer = LocalTrainer(handle, tokens, clients, cfg.client, algorithm)
         plan = RoundPlan(algorithm=algorithm, aggregator=aggregator, runtime=InProcessRuntime(trainer),
                          num_clients=cfg.federation.clients, clients_per_round=cfg.federation.clients_per_round,
                          seed=cfg.seed)
-        return cls(cfg=cfg, handle=handle, tokens=tokens, clients=clients, plan=plan)
+        central = None
+        if data.public is not None:
+            central = LocalTrainer(handle, tokens, {SERVER: data.public}, central_config(cfg), _NoRegularizer())
+        return cls(cfg=cfg, handle=handle, tokens=tokens, data=data, plan=plan, central=central)
 
     def initial_state(self) -> ServerState:
         from fedfm.types import ServerState
@@ -126,18 +94,46 @@ class Experiment:
         params = self.handle.get_params()
         return ServerState(round=0, params=params, opt_state=self.plan.algorithm.init_state(params))
 
+    def validation_loss(self, params: NamedTensors) -> Optional[float]:
+        """Loss on the clients' held-out validation examples (None when none are held out).
+        In a deployment each client reports its local loss; the example-weighted mean of those
+        equals this loss on the union."""
+        from fedfm.evaluate import evaluate
+
+        val = self.data.val_all
+        if not len(val):
+            return None
+        self.handle.set_params(params)
+        return float(evaluate(self.handle, self.tokens, val, self.cfg.eval.batch_size)["loss"])
+
     def evaluate(self, params: NamedTensors) -> dict:
-        """Global-model metrics on the test set (and per client, if configured)."""
+        """Global-model metrics on the test set, and per-client accuracy when configured."""
         from fedfm.evaluate import evaluate
 
         self.handle.set_params(params)
         bs = self.cfg.eval.batch_size
-        out: dict = evaluate(self.handle, self.tokens, self.clients.test, bs)
-        if self.clients.local_test is not None:
+        out: dict = evaluate(self.handle, self.tokens, self.data.test, bs)
+        if self.data.local_test is not None:
             per = [evaluate(self.handle, self.tokens, idx, bs)["accuracy"] if len(idx) else float("nan")
-                   for idx in self.clients.local_test]
+                   for idx in self.data.local_test]
             out["client_accuracy"] = per
             finite = [a for a in per if a == a]
             out["client_accuracy_mean"] = float(np.mean(finite)) if finite else float("nan")
             out["client_accuracy_min"] = float(np.min(finite)) if finite else float("nan")
         return out
+
+
+def central_config(cfg: ExperimentConfig):  # type: ignore[no-untyped-def]
+    """The server's local-training settings: client settings with the schedule's step count,
+    learning rate and batch size (epochs are unbounded: the step count rules)."""
+    s = cfg.schedule
+    return cfg.client.model_copy(update=dict(
+        max_steps=s.central_steps, epochs=10**6, lr=s.central_lr or cfg.client.lr,
+        batch_size=s.central_batch_size or cfg.client.batch_size))
+
+
+class _NoRegularizer:
+    """Central training minimizes the plain loss (no FedProx term at the server)."""
+
+    def client_regularizer(self, params, anchor, payload):  # type: ignore[no-untyped-def]
+        return None

@@ -20,6 +20,7 @@ from fedfm.checkpoint import load_state, save_state
 from fedfm.config import ExperimentConfig, load_config, to_toml
 from fedfm.errors import ConfigError
 from fedfm.report.metrics import append_line, read_lines, truncate_after
+from fedfm.schedule import Stage
 from fedfm.types import ClientResult, RoundReport
 
 
@@ -27,7 +28,7 @@ from fedfm.types import ClientResult, RoundReport
 class Callbacks:
     """Hooks for progress display; every one is optional."""
 
-    on_start: Optional[Callable[[int, int], None]] = None  # (first round, last round)
+    on_start: Optional[Callable[[int, Optional[int]], None]] = None  # (first stage, last stage if known)
     on_round_start: Optional[Callable[[int, list[int]], None]] = None
     on_client: Optional[Callable[[ClientResult], None]] = None
     on_round_end: Optional[Callable[[dict[str, Any]], None]] = None
@@ -51,46 +52,100 @@ def resume(out: Path, callbacks: Optional[Callbacks] = None) -> dict[str, Any]:
 
 def _execute(cfg: ExperimentConfig, out: Path, cb: Callbacks) -> dict[str, Any]:
     from fedfm.experiment import Experiment
-    from fedfm.round import run_round, sample_cohort
+    from fedfm.schedule import build_schedule, decide
 
     exp = Experiment.build(cfg)
+    policy, budget = build_schedule(cfg)
     metrics_path, ckpt_dir = out / "metrics.jsonl", out / "checkpoints"
     loaded = load_state(ckpt_dir)
     state, elapsed = (loaded[0], float(loaded[1].get("elapsed_s", 0.0))) if loaded else (exp.initial_state(), 0.0)
     truncate_after(metrics_path, state.round if loaded else -1)
     if not loaded:
-        append_line(metrics_path, {"round": 0, "phase": "init", **_eval_fields(exp, state.params)})
-    rounds = cfg.federation.rounds
+        append_line(metrics_path, {"round": 0, "phase": "init", **exp.evaluate(state.params),
+                                   "val_loss": exp.validation_loss(state.params)})
+    lines = read_lines(metrics_path)
+    history, initial_loss = _history(lines), lines[0].get("val_loss")
+    decision = decide(policy, budget, history, initial_loss)
     if cb.on_start:
-        cb.on_start(state.round + 1, rounds)
-    while state.round < rounds:
+        cb.on_start(state.round + 1, _planned_stages(cfg))
+    while decision.kind is not None:
         t0 = time.perf_counter()
-        rnd = state.round + 1
-        if cb.on_round_start:
-            cb.on_round_start(rnd, sample_cohort(cfg.seed, rnd, cfg.federation.clients, cfg.federation.clients_per_round))
-        state, report = run_round(state, exp.plan, cb.on_client)
-        evals = _eval_fields(exp, state.params) if rnd % cfg.eval.every == 0 or rnd == rounds else {}
+        state, report, cost = _stage(decision.kind, state, exp, cb)
+        val = exp.validation_loss(state.params)
+        history.append(Stage(decision.kind, val, cost))
+        upcoming = decide(policy, budget, history, initial_loss)
+        last = upcoming.kind is None
+        evals = exp.evaluate(state.params) if state.round % cfg.eval.every == 0 or last else {}
+        if val is not None:
+            evals["val_loss"] = val
         elapsed += time.perf_counter() - t0
-        line = _line(report, evals, elapsed)
+        line = _line(report, decision, evals, cost, elapsed)
         append_line(metrics_path, line)
-        if rnd % cfg.checkpoint.every == 0 or rnd == rounds:
+        if state.round % cfg.checkpoint.every == 0 or last:
             save_state(ckpt_dir, state, {"elapsed_s": elapsed})
         if cb.on_round_end:
             cb.on_round_end(line)
+        decision = upcoming
     return finish(out, cfg, exp)
 
 
-def _eval_fields(exp: Any, params: Any) -> dict[str, Any]:
-    return exp.evaluate(params)  # type: ignore[no-any-return]
+def _stage(kind: str, state: Any, exp: Any, cb: Callbacks) -> tuple[Any, RoundReport, float]:
+    """Run one central stage or one federated round; returns (state, report, compute cost)."""
+    from fedfm.round import run_round, sample_cohort
+
+    if kind == "central":
+        return central_stage(state, exp)
+    cfg = exp.cfg
+    if cb.on_round_start:
+        cb.on_round_start(state.round + 1, sample_cohort(cfg.seed, state.round + 1, cfg.federation.clients,
+                                                         cfg.federation.clients_per_round))
+    costs: list[float] = []
+
+    def on_result(result: ClientResult) -> None:
+        costs.append(float(result.metrics.get("examples_seen", 0.0)))
+        if cb.on_client:
+            cb.on_client(result)
+
+    state, report = run_round(state, exp.plan, on_result)
+    return state, report, sum(costs)
 
 
-def _line(report: RoundReport, evals: dict[str, Any], elapsed: float) -> dict[str, Any]:
+def central_stage(state: Any, exp: Any) -> tuple[Any, RoundReport, float]:
+    """The server trains the global trainable params on its public data; nothing travels."""
+    from fedfm.experiment import SERVER
+    from fedfm.round import client_seed
+    from fedfm.types import ClientTask, ServerState
+
+    t0 = time.perf_counter()
+    rnd = state.round + 1
+    # seeded like a client whose id no real client has (ids are 0..clients-1)
+    seed = client_seed(exp.cfg.seed, rnd, exp.cfg.federation.clients)
+    task = ClientTask(round=rnd, client_id=SERVER, params=state.params, seed=seed)
+    params, metrics = exp.central.train(task)
+    report = RoundReport(round=rnd, clients=(), train_loss=metrics["train_loss"], bytes_up=0, bytes_down=0,
+                         wall_s=time.perf_counter() - t0)
+    return ServerState(round=rnd, params=params, opt_state=state.opt_state), report, metrics["examples_seen"]
+
+
+def _history(lines: list[dict[str, Any]]) -> list[Stage]:
+    return [Stage(r["phase"], r.get("val_loss"), float(r.get("cost", 0.0))) for r in lines if r["round"] > 0]
+
+
+def _planned_stages(cfg: ExperimentConfig) -> Optional[int]:
+    """Stages the progress bar expects (None when a budget or policy makes it unknown)."""
+    s = cfg.schedule
+    if s.central_steps == 0 and s.budget_rounds is None and s.budget_compute is None:
+        return cfg.federation.rounds
+    return s.budget_rounds
+
+
+def _line(report: RoundReport, decision: Any, evals: dict[str, Any], cost: float, elapsed: float) -> dict[str, Any]:
     return {
-        "round": report.round, "phase": "federated", "train_loss": report.train_loss,
+        "round": report.round, "phase": decision.kind, "reason": decision.reason, "train_loss": report.train_loss,
         "loss": evals.get("loss"), "accuracy": evals.get("accuracy"), "f1": evals.get("f1"),
         **{k: v for k, v in evals.items() if k not in ("loss", "accuracy", "f1")},
         "bytes_up": report.bytes_up, "bytes_down": report.bytes_down, "clients": list(report.clients),
-        "rejected": list(report.rejected), "wall_s": report.wall_s, "elapsed_s": elapsed,
+        "rejected": list(report.rejected), "cost": cost, "wall_s": report.wall_s, "elapsed_s": elapsed,
     }
 
 

@@ -46,4 +46,4 @@ def test_local_csv_works(tiny_cfg, tmp_path):
     p.write_text("text,label,site\n" + rows)
     exp = Experiment.build(tiny_cfg(f'data.name="{p}"', 'data.group_column="site"', 'partition.method="natural"',
                                     "data.max_examples=80"))
-    assert exp.clients.label_names == ["neg", "pos"] and len(exp.clients.train) == 4
+    assert exp.data.label_names == ["neg", "pos"] and len(exp.data.train) == 4

@@ -17,8 +17,8 @@ def test_tiny_bert_learns_above_majority_baseline(tmp_path, tiny_cfg):
                    "federation.clients_per_round=6", "federation.rounds=4", "client.epochs=2",
                    "client.max_steps=60", "client.lr=2e-3", "client.batch_size=32", "eval.every=4")
     summary = run(cfg, tmp_path / "r")
-    data, clients = prepare_data(cfg)
-    majority = np.bincount(data.labels[clients.test]).max() / len(clients.test)
+    roles = prepare_data(cfg)
+    majority = np.bincount(roles.pool.labels[roles.test]).max() / len(roles.test)
     assert summary["accuracy"] > majority + 0.03, (summary["accuracy"], majority)
     for name in ("config.toml", "metrics.jsonl", "summary.json", "metrics.png", "checkpoints/state.json"):
         assert (tmp_path / "r" / name).is_file()
@@ -28,7 +28,8 @@ def test_tiny_bert_learns_above_majority_baseline(tmp_path, tiny_cfg):
 
 
 def test_tiny_llama_classifies_with_lora(tmp_path, tiny_cfg):
-    summary = run(tiny_cfg('model.name="tiny-llama"', 'adapter.method="lora"', "federation.rounds=1"), tmp_path / "r")
+    summary = run(tiny_cfg('model.name="tiny-llama"', 'adapter.method="lora"', 'adapter.targets=["q_proj", "v_proj"]',
+                         "federation.rounds=1"), tmp_path / "r")
     assert summary["rounds"] == 1 and 0.0 <= summary["accuracy"] <= 1.0
     assert summary["trainable_params"] < summary["total_params"]
 

@@ -7,6 +7,8 @@ from typing import Optional
 
 import numpy as np
 
+from fedfm.errors import DataError
+
 
 @dataclass(frozen=True)
 class LabeledTexts:
@@ -44,6 +46,37 @@ class LabeledTexts:
     @property
     def num_classes(self) -> int:
         return len(self.label_names)
+
+    def keys(self) -> list[str]:
+        """Normalized texts (case and whitespace folded): what deduplication compares."""
+        return [" ".join(t.lower().split()) for t in self.texts]
+
+
+def concat(parts: list[LabeledTexts]) -> LabeledTexts:
+    """One pool from several sources; label indices must mean the same class in each (checked by
+    count), label names come from the first part, group codes are offset per part."""
+    first = parts[0]
+    for p in parts[1:]:
+        if p.num_classes != first.num_classes:
+            raise DataError(
+                f"dataset {p.name!r} has {p.num_classes} classes ({', '.join(p.label_names)}) but "
+                f"{first.name!r} has {first.num_classes} ({', '.join(first.label_names)}); label indices must align"
+            )
+    groups, names, offset = [], [], 0
+    for p in parts:
+        g = p.groups if p.groups is not None else np.zeros(len(p), dtype=np.int64)
+        groups.append(g + offset)
+        gn = p.group_names if p.group_names is not None else ["all"]
+        names += [f"{p.name}:{n}" for n in gn]
+        offset += len(gn)
+    return LabeledTexts(
+        name="+".join(p.name for p in parts),
+        texts=[t for p in parts for t in p.texts],
+        labels=np.concatenate([p.labels for p in parts]),
+        label_names=first.label_names,
+        groups=np.concatenate(groups),
+        group_names=names,
+    )
 
 
 def encode_column(values: list[str]) -> tuple[np.ndarray, list[str]]:

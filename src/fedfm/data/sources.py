@@ -68,6 +68,27 @@ BUNDLED.register("rotten-tomatoes")(
     )
 )
 
+def _vader() -> LabeledTexts:
+    from fedfm.data.corpora import load_vader
+
+    return load_vader()
+
+
+def _fetch_vader() -> Path:
+    from fedfm.data.corpora import FETCHERS
+
+    return FETCHERS["vader"]()  # type: ignore[return-value]
+
+
+BUNDLED.register("vader")(
+    BundledDataset(
+        load=_vader,
+        description="VADER sentiment ground truth (Hutto & Gilbert 2014), 23,320 non-neutral sentences in 4 "
+                    "domains (amazon, movie, nyt, tweets); select domains as vader:tweets+nyt",
+        fetch=_fetch_vader,
+    )
+)
+
 _LOCAL_SUFFIXES = (".csv", ".tsv", ".json", ".jsonl", ".parquet")
 
 
@@ -81,6 +102,9 @@ def load_source(
     """
     if name in BUNDLED:
         return BUNDLED.get(name).load()
+    base, sep, groups = name.partition(":")
+    if sep and base in BUNDLED:
+        return select_groups(BUNDLED.get(base).load(), groups.split("+"), name)
     if name.startswith("hf:"):
         return _from_records(name, _hf_records(name[3:]), text_column, label_column, group_column)
     path = Path(name).expanduser()
@@ -90,6 +114,21 @@ def load_source(
         f"unknown dataset {name!r}: not a bundled dataset ({', '.join(BUNDLED.names())}), "
         f"not a local file ({', '.join(_LOCAL_SUFFIXES)}), and not hf:ORG/NAME"
     )
+
+
+def select_groups(data: LabeledTexts, wanted: list[str], name: str) -> LabeledTexts:
+    """The examples of ``data`` whose group is one of ``wanted`` (e.g. vader:tweets+nyt).
+
+    Raises:
+        DataError: the dataset has no groups, or a wanted group does not exist.
+    """
+    names = data.group_names or []
+    unknown = [w for w in wanted if w not in names]
+    if data.groups is None or unknown:
+        raise DataError(f"{name!r}: unknown group(s) {unknown or wanted}; groups of {data.name!r}: "
+                        f"{', '.join(names) if len(names) < 30 else str(len(names)) + ' groups'}")
+    codes = [names.index(w) for w in wanted]
+    return data.subset(np.flatnonzero(np.isin(data.groups, codes)))
 
 
 def _file_records(path: Path) -> list[dict]:

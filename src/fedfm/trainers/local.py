@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -29,7 +29,7 @@ class LocalTrainer:
 
     handle: ModelHandle
     data: TokenizedTexts
-    client_indices: Sequence[np.ndarray]
+    client_indices: Mapping[int, np.ndarray]
     cfg: ClientConfig
     algorithm: Algorithm
 
@@ -45,8 +45,9 @@ class LocalTrainer:
         optimizer = make_optimizer(self.cfg, list(params.values()))
         model = self.handle.model
         model.train()
-        losses = []
+        losses, seen = [], 0
         for batch_idx in self._batches(self.client_indices[task.client_id], rng):
+            seen += len(batch_idx)
             loss = model(**self.data.batch(batch_idx)).loss
             reg = self.algorithm.client_regularizer(params, task.params, task.payload)
             if reg is not None:
@@ -59,7 +60,7 @@ class LocalTrainer:
             losses.append(float(loss.detach()))
         n = len(self.client_indices[task.client_id])
         metrics = {"train_loss": float(np.mean(losses)) if losses else float("nan"),
-                   "steps": float(len(losses)), "num_examples": float(n)}
+                   "steps": float(len(losses)), "num_examples": float(n), "examples_seen": float(seen)}
         return self.handle.get_params(), metrics
 
     def _batches(self, idx: np.ndarray, rng: np.random.Generator) -> Any:
