@@ -61,3 +61,19 @@ def test_frozen_base_unchanged_by_training(tiny_cfg):
     run_round(exp.initial_state(), exp.plan)
     after = dict(exp.handle.model.named_parameters())
     assert all(torch.equal(before[n], after[n]) for n in before)
+
+
+@pytest.mark.parametrize("method", ["prompt", "ptuning", "prefix"])
+def test_prompt_learning_sends_only_the_prompt_model(tiny_cfg, method):
+    """Soft prompts, the P-tuning prompt generator and prefixes: only the prompt model and the
+    task head travel, and a round of training changes the prompt."""
+    exp = Experiment.build(tiny_cfg(f'adapter.method="{method}"', "adapter.virtual_tokens=4", "federation.rounds=1"))
+    trainable = list(exp.handle.trainable)
+    prompt = [n for n in trainable if "prompt_encoder" in n]
+    assert prompt and all("prompt_encoder" in n or "classifier" in n for n in trainable)
+    if method == "ptuning":
+        assert any("mlp" in n or "lstm" in n for n in prompt)  # a generator network, not a table
+    state = exp.initial_state()
+    new, report = run_round(state, exp.plan)
+    assert report.bytes_up == 2 * len(wire.encode(state.params))  # 2 clients, same names and shapes
+    assert any(not bool((new.params[n] == state.params[n]).all()) for n in prompt)
