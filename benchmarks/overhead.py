@@ -69,6 +69,7 @@ def floor_side(a: argparse.Namespace) -> dict:
                                                  modules_to_save=["classifier"]))
     enc = tok(data.texts, truncation=True, max_length=cfg.model.max_length, padding="longest", return_tensors="pt")
     labels = torch.as_tensor(data.labels)
+    model.train()  # from_pretrained returns eval mode; training means dropout on, as fedfm does
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     glob = {n: p.detach().clone() for n, p in params.items()}
     t1 = time.perf_counter()
