@@ -77,7 +77,7 @@ def aggregate_row(paradigm: str, run_dirs: Sequence[Path]) -> dict[str, Any]:
     """Mean and sample std over seeds of the final metrics of each run."""
     summaries = [json.loads((d / "summary.json").read_text()) for d in run_dirs]
     row: dict[str, Any] = {"paradigm": paradigm, "seeds": len(summaries)}
-    for key in ("accuracy", "f1", "loss"):
+    for key in ("accuracy", "f1", "perplexity", "loss"):
         row.update(_mean_std(key, [s[key] for s in summaries if s.get(key) is not None]))
     row.update(_mean_std("MB", [(s["bytes_up"] + s["bytes_down"]) / 1e6 for s in summaries]))
     row.update(_mean_std("wall_s", [s["wall_s"] for s in summaries]))
@@ -92,7 +92,7 @@ def _mean_std(key: str, values: list[float]) -> dict[str, Optional[float]]:
     return {f"{key}_mean": statistics.mean(values), f"{key}_std": std}
 
 
-COLUMNS = ("accuracy", "f1", "loss", "MB", "wall_s")
+COLUMNS = ("accuracy", "f1", "perplexity", "loss", "MB", "wall_s")
 
 
 def write_tables(rows: Sequence[dict[str, Any]], out: Path) -> None:

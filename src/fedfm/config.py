@@ -183,7 +183,8 @@ class CheckpointConfig(_Section):
 
 class ExperimentConfig(_Section):
     seed: int = Field(0, ge=0)
-    task: Literal["classify"] = "classify"
+    task: Literal["classify", "mlm", "clm"] = "classify"
+    """classify: sequence classification; mlm: masked-LM (encoders); clm: causal LM (decoders)."""
     paradigm: Literal["ffm", "central", "fl", "pooled"] = "ffm"
     """ffm: the schedule as configured (plain FL when it has no central phase); central: server
     training on public data only; fl: federated rounds only; pooled: server training on public
@@ -204,6 +205,16 @@ class ExperimentConfig(_Section):
     @model_validator(mode="after")
     def _roles_fit_schedule(self) -> "ExperimentConfig":
         d, s = self.data, self.schedule
+        if self.task != "classify":
+            if self.partition.method not in ("iid", "natural"):
+                raise ValueError(f"partition.method={self.partition.method!r} splits by label, but task "
+                                 f"{self.task!r} has no labels; allowed: iid, natural")
+            if self.adapter.method == "head":
+                raise ValueError(f"adapter.method='head' trains a classifier head; task {self.task!r} has none "
+                                 "(allowed: full, lora, and prompt/ptuning/prefix for clm)")
+            if self.task == "mlm" and self.adapter.method in ("prompt", "ptuning", "prefix"):
+                raise ValueError(f"adapter.method={self.adapter.method!r} is not available for masked LM in peft; "
+                                 "use lora or full, or task clm")
         if self.paradigm == "central" and d.public is None:
             raise ValueError("paradigm='central' trains on public data only, but data.public is not set")
         if self.paradigm in ("central", "pooled") and s.central_steps == 0:

@@ -12,7 +12,7 @@ from fedfm.config import ExperimentConfig
 
 if TYPE_CHECKING:
     from fedfm.data.roles import DataRoles
-    from fedfm.data.tokenized import TokenizedTexts
+    from fedfm.data.tokenized import LMTexts, TokenizedTexts
     from fedfm.models.handle import ModelHandle
     from fedfm.round import RoundPlan
     from fedfm.trainers.local import LocalTrainer
@@ -34,11 +34,11 @@ def build_model(cfg: ExperimentConfig, num_labels: int) -> "ModelHandle":
     import fedfm.adapters  # noqa: F401  (registration)
     from fedfm.adapters.base import ADAPTERS
     from fedfm.models.handle import ModelHandle
-    from fedfm.models.load import load_classifier
+    from fedfm.models.load import load_model
     from fedfm.models.presets import resolve
 
     adapter = ADAPTERS.get(cfg.adapter.method)
-    model, tok = load_classifier(cfg.model.name, num_labels, cfg.seed)
+    model, tok = load_model(cfg.model.name, cfg.task, cfg.seed, num_labels)
     model = adapter.apply(model, cfg.adapter, resolve(cfg.model.name))
     return ModelHandle.wrap(model, tok)
 
@@ -59,7 +59,7 @@ class Experiment:
 
     cfg: ExperimentConfig
     handle: ModelHandle
-    tokens: TokenizedTexts  # the whole pool, tokenized once
+    tokens: TokenizedTexts | LMTexts  # the whole pool, tokenized once
     data: DataRoles
     plan: RoundPlan
     central: Optional[LocalTrainer]  # the server's trainer on public data, if any
@@ -68,7 +68,7 @@ class Experiment:
     def build(cls, cfg: ExperimentConfig) -> "Experiment":
         from fedfm.aggregators import build_aggregator
         from fedfm.algorithms import build_algorithm
-        from fedfm.data.tokenized import tokenize
+        from fedfm.data.tokenized import tokenize_for
         from fedfm.round import RoundPlan
         from fedfm.runtime.inprocess import InProcessRuntime
         from fedfm.trainers.local import LocalTrainer
@@ -77,7 +77,7 @@ class Experiment:
         algorithm, aggregator = build_algorithm(cfg.algorithm), build_aggregator(cfg.aggregator)
         data = prepare_data(cfg)
         handle = build_model(cfg, data.pool.num_classes)
-        tokens = tokenize(data.pool.texts, data.pool.labels, handle.tokenizer, cfg.model.max_length)
+        tokens = tokenize_for(cfg.task, data.pool.texts, data.pool.labels, handle.tokenizer, cfg.model.max_length)
         clients = {c: idx for c, idx in enumerate(data.train)}
         trainer = LocalTrainer(handle, tokens, clients, cfg.client, algorithm)
         plan = RoundPlan(algorithm=algorithm, aggregator=aggregator, runtime=InProcessRuntime(trainer),

@@ -143,7 +143,8 @@ def _line(report: RoundReport, decision: Any, evals: dict[str, Any], cost: float
     return {
         "round": report.round, "phase": decision.kind, "reason": decision.reason, "train_loss": report.train_loss,
         "loss": evals.get("loss"), "accuracy": evals.get("accuracy"), "f1": evals.get("f1"),
-        **{k: v for k, v in evals.items() if k not in ("loss", "accuracy", "f1")},
+        "perplexity": evals.get("perplexity"),
+        **{k: v for k, v in evals.items() if k not in ("loss", "accuracy", "f1", "perplexity")},
         "bytes_up": report.bytes_up, "bytes_down": report.bytes_down, "clients": list(report.clients),
         "rejected": list(report.rejected), "cost": cost, "wall_s": report.wall_s, "elapsed_s": elapsed,
     }
@@ -167,14 +168,16 @@ def finish(out: Path, cfg: ExperimentConfig, exp: Any) -> dict[str, Any]:
 
 
 def summarize(lines: list[dict[str, Any]]) -> dict[str, Any]:
-    evals = [r for r in lines if r.get("accuracy") is not None]
+    evals = [r for r in lines if r.get("loss") is not None]
     rounds = [r for r in lines if r["round"] > 0]
     last = evals[-1] if evals else {}
     return {
         "rounds": max((r["round"] for r in lines), default=0),
         "accuracy": last.get("accuracy"), "f1": last.get("f1"), "loss": last.get("loss"),
-        "best_accuracy": max((r["accuracy"] for r in evals), default=None),
-        "initial_accuracy": evals[0]["accuracy"] if evals and evals[0]["round"] == 0 else None,
+        "perplexity": last.get("perplexity"),
+        "best_accuracy": max((r["accuracy"] for r in evals if r.get("accuracy") is not None), default=None),
+        "initial_accuracy": evals[0].get("accuracy") if evals and evals[0]["round"] == 0 else None,
+        "initial_perplexity": evals[0].get("perplexity") if evals and evals[0]["round"] == 0 else None,
         "bytes_up": sum(r.get("bytes_up", 0) for r in rounds),
         "bytes_down": sum(r.get("bytes_down", 0) for r in rounds),
         "rejected_updates": sum(len(r.get("rejected", [])) for r in rounds),

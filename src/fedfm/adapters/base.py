@@ -43,6 +43,11 @@ def head_names(model: Any) -> list[str]:
     return found
 
 
+def has_head(model: Any) -> bool:
+    """Whether the model has a sequence-classification head (LM heads are not 'heads' here)."""
+    return any(hasattr(model, n) for n in HEAD_NAMES)
+
+
 def freeze_all(model: Any) -> None:
     for p in model.parameters():
         p.requires_grad_(False)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fedfm.adapters.base import ADAPTERS, head_names
+from fedfm.adapters.base import ADAPTERS, has_head, head_names
 from fedfm.errors import ConfigError
 
 
@@ -28,7 +28,7 @@ class Lora:
             )
         lora = LoraConfig(
             r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,
-            modules_to_save=head_names(model) if cfg.train_head else None,
+            modules_to_save=head_names(model) if cfg.train_head and has_head(model) else None,
         )
         return get_peft_model(model, lora)
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fedfm.adapters.base import ADAPTERS
+from fedfm.adapters.base import ADAPTERS, has_head
 
 
 class _PromptLearning:
@@ -27,7 +27,8 @@ class _PromptLearning:
     def apply(self, model: Any, cfg: Any, preset: Any) -> Any:
         from peft import TaskType, get_peft_model
 
-        common = {"task_type": TaskType.SEQ_CLS, "num_virtual_tokens": cfg.virtual_tokens}
+        task = TaskType.SEQ_CLS if has_head(model) else TaskType.CAUSAL_LM
+        common = {"task_type": task, "num_virtual_tokens": cfg.virtual_tokens}
         return get_peft_model(model, self.peft_config(cfg, **common))
 
 

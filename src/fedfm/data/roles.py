@@ -99,8 +99,12 @@ def _load(cfg: "ExperimentConfig", name: str, max_examples: Optional[int], salt:
     if max_examples is not None and max_examples < len(data):
         keep = np.random.default_rng([cfg.seed, salt]).choice(len(data), max_examples, replace=False)
         data = data.subset(np.sort(keep))
-    if data.num_classes < 2:
-        raise DataError(f"dataset {name!r} has {data.num_classes} label value(s); classification needs >= 2")
+    if cfg.task == "classify" and data.num_classes < 2:
+        raise DataError(f"dataset {name!r} has {data.num_classes} label value(s); classification needs >= 2 "
+                        "(an unlabelled corpus is for task mlm or clm)")
+    if cfg.task != "classify":  # language modelling ignores labels: one shared label space
+        data = LabeledTexts(name=data.name, texts=data.texts, labels=np.zeros(len(data), dtype=np.int64),
+                            label_names=["text"], groups=data.groups, group_names=data.group_names)
     return data
 
 

@@ -27,9 +27,13 @@ from fedfm.registry import Registry
 
 @dataclass(frozen=True)
 class BundledDataset:
+    """A dataset fedfm can fetch itself. ``labelled=False`` marks an unlabelled corpus (for
+    pre-training tasks); it loads as LabeledTexts whose labels are all 0."""
+
     load: Callable[[], LabeledTexts]
     description: str
     fetch: Callable[[], Path]
+    labelled: bool = True
 
 
 BUNDLED: Registry[BundledDataset] = Registry("dataset")
@@ -68,16 +72,42 @@ BUNDLED.register("rotten-tomatoes")(
     )
 )
 
+def _corpus(loader: str, *args: str) -> Callable[[], LabeledTexts]:
+    def load() -> LabeledTexts:
+        from fedfm.data import corpora
+
+        c = getattr(corpora, loader)(*args)
+        return LabeledTexts(name=c.name, texts=c.texts, labels=np.zeros(len(c), dtype=np.int64),
+                            label_names=["text"], groups=c.groups, group_names=c.group_names)
+
+    return load
+
+
+def _fetcher(key: str) -> Callable[[], Path]:
+    def fetch() -> Path:
+        from fedfm.data.corpora import FETCHERS
+
+        got = FETCHERS[key]()
+        return got if isinstance(got, Path) else got[0].parent
+
+    return fetch
+
+
+for _name, _loader, _args, _key, _desc in (
+    ("shakespeare", "load_shakespeare", ("play",), "shakespeare",
+     "Shakespeare's 42 works as speeches/stanzas (31,196 segments), grouped by work; corpus for mlm/clm"),
+    ("shakespeare-characters", "load_shakespeare", ("character",), "shakespeare",
+     "Shakespeare's speeches grouped LEAF-style by (play, character): 1,372 groups; corpus for mlm/clm"),
+    ("austen", "load_austen", (), "austen",
+     "Jane Austen's 6 novels as paragraphs (10,026), grouped by novel; corpus for mlm/clm (needs rdata)"),
+):
+    BUNDLED.register(_name)(BundledDataset(load=_corpus(_loader, *_args), description=_desc,
+                                           fetch=_fetcher(_key), labelled=False))
+
 def _vader() -> LabeledTexts:
     from fedfm.data.corpora import load_vader
 
     return load_vader()
-
-
-def _fetch_vader() -> Path:
-    from fedfm.data.corpora import FETCHERS
-
-    return FETCHERS["vader"]()  # type: ignore[return-value]
 
 
 BUNDLED.register("vader")(
@@ -85,7 +115,7 @@ BUNDLED.register("vader")(
         load=_vader,
         description="VADER sentiment ground truth (Hutto & Gilbert 2014), 23,320 non-neutral sentences in 4 "
                     "domains (amazon, movie, nyt, tweets); select domains as vader:tweets+nyt",
-        fetch=_fetch_vader,
+        fetch=_fetcher("vader"),
     )
 )
 

@@ -10,7 +10,7 @@ from typing import Any, Optional, Sequence
 from fedfm.errors import FedfmError
 from fedfm.report.metrics import read_lines
 
-COLUMNS = ("run", "rounds", "accuracy", "best_accuracy", "f1", "loss", "MB_up", "MB_down", "wall_s")
+COLUMNS = ("run", "rounds", "accuracy", "best_accuracy", "f1", "perplexity", "loss", "MB_up", "MB_down", "wall_s")
 
 
 def run_row(run_dir: Path) -> dict[str, Any]:
@@ -23,7 +23,7 @@ def run_row(run_dir: Path) -> dict[str, Any]:
     s = summarize(lines)
     return {
         "run": run_dir.name, "rounds": s["rounds"], "accuracy": s["accuracy"], "best_accuracy": s["best_accuracy"],
-        "f1": s["f1"], "loss": s["loss"], "MB_up": s["bytes_up"] / 1e6, "MB_down": s["bytes_down"] / 1e6,
+        "f1": s["f1"], "perplexity": s["perplexity"], "loss": s["loss"], "MB_up": s["bytes_up"] / 1e6, "MB_down": s["bytes_down"] / 1e6,
         "wall_s": s["wall_s"],
     }
 

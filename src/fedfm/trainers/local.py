@@ -10,7 +10,6 @@ import torch
 
 from fedfm.algorithms.base import Algorithm
 from fedfm.config import ClientConfig
-from fedfm.data.tokenized import TokenizedTexts
 from fedfm.models.handle import ModelHandle
 from fedfm.types import ClientTask
 
@@ -28,7 +27,7 @@ class LocalTrainer:
     """
 
     handle: ModelHandle
-    data: TokenizedTexts
+    data: Any  # TokenizedTexts or LMTexts: anything with batch(idx, rng)
     client_indices: Mapping[int, np.ndarray]
     cfg: ClientConfig
     algorithm: Algorithm
@@ -48,7 +47,7 @@ class LocalTrainer:
         losses, seen = [], 0
         for batch_idx in self._batches(self.client_indices[task.client_id], rng):
             seen += len(batch_idx)
-            loss = model(**self.data.batch(batch_idx)).loss
+            loss = model(**self.data.batch(batch_idx, rng)).loss
             reg = self.algorithm.client_regularizer(params, task.params, task.payload)
             if reg is not None:
                 loss = loss + reg
