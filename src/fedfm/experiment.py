@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
 
@@ -12,6 +12,7 @@ from fedfm.config import ExperimentConfig
 
 if TYPE_CHECKING:
     from fedfm.data.roles import DataRoles
+    from fedfm.data.images import ImageTensors
     from fedfm.data.tokenized import LMTexts, TokenizedTexts
     from fedfm.models.handle import ModelHandle
     from fedfm.round import RoundPlan
@@ -43,6 +44,27 @@ def build_model(cfg: ExperimentConfig, num_labels: int) -> "ModelHandle":
     return ModelHandle.wrap(model, tok)
 
 
+def encode_pool(cfg: ExperimentConfig, pool: Any, handle: "ModelHandle") -> Any:
+    """Model-ready tensors of the whole pool: tokenized texts (classification or LM) or images.
+
+    Raises:
+        ModelError: the model's modality (text or images) differs from the data's.
+    """
+    from fedfm.data.images import is_image_pool, to_tensors
+    from fedfm.data.tokenized import tokenize_for
+    from fedfm.errors import ModelError
+
+    takes_images = handle.tokenizer is None
+    if is_image_pool(pool) != takes_images:
+        what = "images" if takes_images else "text"
+        raise ModelError(f"model {cfg.model.name!r} takes {what} but dataset {cfg.private_data!r} holds "
+                         f"{'text' if takes_images else 'images'}; pick a model and data of the same kind "
+                         "(vit-tiny/vit-small for images)")
+    if takes_images:
+        return to_tensors(pool)
+    return tokenize_for(cfg.task, pool.texts, pool.labels, handle.tokenizer, cfg.model.max_length)
+
+
 def set_threads(cfg: ExperimentConfig) -> None:
     import warnings
 
@@ -59,7 +81,7 @@ class Experiment:
 
     cfg: ExperimentConfig
     handle: ModelHandle
-    tokens: TokenizedTexts | LMTexts  # the whole pool, tokenized once
+    tokens: TokenizedTexts | LMTexts | ImageTensors  # the whole pool, encoded once
     data: DataRoles
     plan: RoundPlan
     central: Optional[LocalTrainer]  # the server's trainer on public data, if any
@@ -68,7 +90,6 @@ class Experiment:
     def build(cls, cfg: ExperimentConfig) -> "Experiment":
         from fedfm.aggregators import build_aggregator
         from fedfm.algorithms import build_algorithm
-        from fedfm.data.tokenized import tokenize_for
         from fedfm.round import RoundPlan
         from fedfm.runtime.inprocess import InProcessRuntime
         from fedfm.trainers.local import LocalTrainer
@@ -77,7 +98,7 @@ class Experiment:
         algorithm, aggregator = build_algorithm(cfg.algorithm), build_aggregator(cfg.aggregator)
         data = prepare_data(cfg)
         handle = build_model(cfg, data.pool.num_classes)
-        tokens = tokenize_for(cfg.task, data.pool.texts, data.pool.labels, handle.tokenizer, cfg.model.max_length)
+        tokens = encode_pool(cfg, data.pool, handle)
         clients = {c: idx for c, idx in enumerate(data.train)}
         trainer = LocalTrainer(handle, tokens, clients, cfg.client, algorithm)
         plan = RoundPlan(algorithm=algorithm, aggregator=aggregator, runtime=InProcessRuntime(trainer),

@@ -56,6 +56,15 @@ def concat(parts: list[LabeledTexts]) -> LabeledTexts:
     """One pool from several sources; label indices must mean the same class in each (checked by
     count), label names come from the first part, group codes are offset per part."""
     first = parts[0]
+    if any(type(p) is not type(first) for p in parts):
+        raise DataError(f"cannot mix {', '.join(type(p).__name__ for p in parts)} in one experiment: "
+                        "public, private and test data must all be text or all be images")
+    if not isinstance(first, LabeledTexts):  # images
+        from fedfm.data.corpora import LabeledImages
+
+        return LabeledImages(name="+".join(p.name for p in parts), images=np.concatenate([p.images for p in parts]),
+                             labels=np.concatenate([p.labels for p in parts]), label_names=first.label_names,
+                             is_test=np.concatenate([p.is_test for p in parts]))
     for p in parts[1:]:
         if p.num_classes != first.num_classes:
             raise DataError(

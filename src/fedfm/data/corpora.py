@@ -83,6 +83,16 @@ class LabeledImages:
     def num_classes(self) -> int:
         return len(self.label_names)
 
+    # The data-pool interface shared with LabeledTexts (used by fedfm.data.roles).
+    groups = None
+    group_names = None
+
+    def keys(self) -> list[str]:
+        """A digest of each image's pixels: what deduplication compares."""
+        import hashlib
+
+        return [hashlib.blake2b(img.tobytes(), digest_size=16).hexdigest() for img in self.images]
+
 
 # --------------------------------------------------------------------------- sources
 

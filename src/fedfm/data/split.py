@@ -9,12 +9,11 @@ from fedfm.errors import DataError
 
 
 def dedupe(data: LabeledTexts) -> LabeledTexts:
-    """Keep the first occurrence of each text (after whitespace/case normalization), so a
-    text can never sit both in training and in the test set."""
+    """Keep the first occurrence of each example (texts compared after case/whitespace folding,
+    images by pixel digest), so an example can never sit both in training and in the test set."""
     seen: set[str] = set()
     keep = []
-    for i, t in enumerate(data.texts):
-        key = " ".join(t.lower().split())
+    for i, key in enumerate(data.keys()):
         if key not in seen:
             seen.add(key)
             keep.append(i)

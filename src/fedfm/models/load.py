@@ -9,8 +9,11 @@ from fedfm.models.presets import ModelPreset, resolve
 
 
 def load_tokenizer(preset: ModelPreset, name: str) -> Any:
+    """The preset's tokenizer, or None for image models."""
     from transformers import AutoTokenizer
 
+    if preset.tokenizer is None:
+        return None
     try:
         tok = AutoTokenizer.from_pretrained(str(preset.tokenizer()))
     except ModelError:
@@ -50,7 +53,9 @@ def load_model(name: str, task: str, seed: int, num_labels: int = 2) -> tuple[An
     tok = load_tokenizer(preset, name)
     hf_logging.set_verbosity_error()  # "newly initialized head" is expected here
     hf_logging.disable_progress_bar()  # fedfm draws its own progress
-    auto = getattr(transformers, TASK_HEADS[task])
+    if tok is None and task != "classify":
+        raise ModelError(f"model {name!r} takes images; task {task!r} is for text models")
+    auto = getattr(transformers, "AutoModelForImageClassification" if tok is None else TASK_HEADS[task])
     extra = {"num_labels": num_labels} if task == "classify" else {}
     torch.manual_seed(seed)
     try:
@@ -58,7 +63,8 @@ def load_model(name: str, task: str, seed: int, num_labels: int = 2) -> tuple[An
             cfg = preset.config(tok)
             for k, v in extra.items():
                 setattr(cfg, k, v)
-            check_task_fits(name, task, cfg)
+            if tok is not None:
+                check_task_fits(name, task, cfg)
             model = auto.from_config(cfg)
         else:
             cfg = transformers.AutoConfig.from_pretrained(str(preset.source()))
@@ -70,7 +76,7 @@ def load_model(name: str, task: str, seed: int, num_labels: int = 2) -> tuple[An
         raise ModelError(f"model {name!r} has no architecture for task {task!r}: {str(e)[:300]}") from None
     except Exception as e:
         raise ModelError(_unreachable(name, e)) from None
-    if model.config.pad_token_id is None:
+    if tok is not None and getattr(model.config, "pad_token_id", 0) is None:
         model.config.pad_token_id = tok.pad_token_id
     return model, tok
 

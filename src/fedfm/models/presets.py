@@ -28,7 +28,7 @@ class ModelPreset:
     """
 
     description: str
-    tokenizer: Callable[[], Path]
+    tokenizer: Optional[Callable[[], Path]]  # None: the model takes images
     source: Optional[Callable[[], Path]] = None
     config: Optional[Callable[[Any], Any]] = None
     lora_targets: tuple[str, ...] = ("query", "value")
@@ -87,6 +87,28 @@ PRESETS.register("tiny-bert")(ModelPreset(
 PRESETS.register("tiny-llama")(ModelPreset(
     description="random-init Llama decoder, 2 layers, hidden 64 (tests; MiniLM's WordPiece vocabulary)",
     config=_tiny_llama, tokenizer=minilm_dir, lora_targets=("q_proj", "v_proj"),
+))
+
+
+def _vit(hidden: int, layers: int) -> Callable[[Any], Any]:
+    def make(tok: Any) -> Any:
+        from transformers import ViTConfig
+
+        return ViTConfig(image_size=28, patch_size=7, num_channels=1, hidden_size=hidden, num_hidden_layers=layers,
+                         num_attention_heads=4, intermediate_size=2 * hidden)
+
+    return make
+
+
+# Small ViTs for 28x28 greyscale images (16 patches of 7x7), random-init: no pretrained ViT
+# exists offline, so fedfm pre-trains them itself (central phases on public images).
+PRESETS.register("vit-tiny")(ModelPreset(
+    description="random-init ViT for 28x28 greyscale, 7x7 patches, 2 layers, hidden 64 (tests)",
+    config=_vit(64, 2), tokenizer=None, lora_targets=("q_proj", "v_proj"),
+))
+PRESETS.register("vit-small")(ModelPreset(
+    description="random-init ViT for 28x28 greyscale, 7x7 patches, 6 layers, hidden 192 (pre-trained by fedfm)",
+    config=_vit(192, 6), tokenizer=None, lora_targets=("q_proj", "v_proj"),
 ))
 
 
