@@ -85,7 +85,8 @@ def compare_cmd(
     if bad or not chosen:
         raise ConfigError(f"--paradigms {paradigms!r}: unknown {bad}; allowed: {', '.join(PARADIGMS)}")
     cfg = load_config(config, set_ or [])
-    run_compare(cfg, list(range(seeds)), out, chosen)
+    with _Progress(quiet=False) as progress:
+        run_compare(cfg, list(range(seeds)), out, chosen, callbacks=progress.callbacks())
     console.print((out / "table.md").read_text())
     console.print(f"wrote {out / 'table.md'}, {out / 'table.csv'} and plots in {out}")
 
@@ -101,7 +102,8 @@ def sweep_cmd(
     """Run a grid over config keys (e.g. the adaptive policy's threshold and window) and tabulate it."""
     from fedfm.sweep import run_sweep
 
-    run_sweep(config, set_ or [], grid, list(range(seeds)), out)
+    with _Progress(quiet=False) as progress:
+        run_sweep(config, set_ or [], grid, list(range(seeds)), out, callbacks=progress.callbacks())
     console.print((out / "sweep.md").read_text())
 
 
@@ -218,7 +220,10 @@ class _Progress:
                          on_client=self._client, on_round_end=self._round_end)
 
     def _start(self, first: int, last: Optional[int]) -> None:
-        self.rounds = self.progress.add_task("rounds", total=last, completed=first - 1, info="")
+        for task in (self.rounds, self.clients):  # a compare or sweep starts one run after another
+            if task is not None:
+                self.progress.remove_task(task)
+        self.rounds = self.progress.add_task("stages", total=last, completed=first - 1, info="")
         self.clients = self.progress.add_task("clients", total=1, info="")
 
     def _round_start(self, rnd: int, cohort: list[int]) -> None:

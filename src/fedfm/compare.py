@@ -45,6 +45,7 @@ def run_compare(
     out: Path,
     paradigms: Sequence[str] = PARADIGMS,
     run_one: Optional[Callable[[ExperimentConfig, Path], Any]] = None,
+    callbacks: Optional[Any] = None,
 ) -> list[dict[str, Any]]:
     """Run every (paradigm, seed) into ``out/<paradigm>/seed<k>`` and write the table and plots.
 
@@ -54,7 +55,7 @@ def run_compare(
     from fedfm import runner
 
     budget = cfg.schedule.budget_compute or fl_compute(cfg)
-    run_one = run_one or (lambda c, d: _run_or_resume(c, d, runner))
+    run_one = run_one or (lambda c, d: _run_or_resume(c, d, runner, callbacks))
     for paradigm in paradigms:
         for seed in seeds:
             run_one(paradigm_config(cfg, paradigm, seed, budget), out / paradigm / f"seed{seed}")
@@ -64,13 +65,14 @@ def run_compare(
     return rows
 
 
-def _run_or_resume(cfg: ExperimentConfig, run_dir: Path, runner: Any) -> None:
+def _run_or_resume(cfg: ExperimentConfig, run_dir: Path, runner: Any, callbacks: Any = None) -> None:
+    """Skip a finished run, resume an interrupted one, start a new one."""
     if (run_dir / "summary.json").is_file():
         return
     if (run_dir / "config.toml").is_file():
-        runner.resume(run_dir)
+        runner.resume(run_dir, callbacks)
     else:
-        runner.run(cfg, run_dir)
+        runner.run(cfg, run_dir, callbacks)
 
 
 def aggregate_row(paradigm: str, run_dirs: Sequence[Path]) -> dict[str, Any]:

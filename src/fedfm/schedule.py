@@ -89,6 +89,17 @@ def current_phase(history: Sequence[Stage]) -> list[Stage]:
     return list(history[-n:])
 
 
+def hold(history: Sequence[Stage], start: Kind, min_phase: int) -> Optional[Decision]:
+    """The decision forced before any rule applies: the first stage, or staying in a phase
+    shorter than ``min_phase``; None when the policy's own rule decides."""
+    if not history:
+        return Decision(start, "start")
+    phase = current_phase(history)
+    if len(phase) < min_phase:
+        return Decision(phase[-1].kind, f"minimum phase length {min_phase} not reached")
+    return None
+
+
 def other(kind: Kind) -> Kind:
     return "federated" if kind == "central" else "central"
 
@@ -137,13 +148,11 @@ class AdaptivePolicy:
     min_phase: int = 1
 
     def next_stage(self, history: Sequence[Stage], initial_loss: Optional[float] = None) -> Decision:
-        if not history:
-            return Decision(self.start, "start")
-        phase = current_phase(history)
-        kind = phase[-1].kind
-        if len(phase) < self.min_phase:
-            return Decision(kind, f"minimum phase length {self.min_phase} not reached")
-        strikes, last_imp = self._strikes(phase)
+        held = hold(history, self.start, self.min_phase)
+        if held is not None:
+            return held
+        kind = history[-1].kind
+        strikes, last_imp = self._strikes(current_phase(history))
         if strikes >= self.patience:
             return Decision(other(kind), f"{kind} improvement {last_imp:.4g} over last {self.window} evals "
                                          f"< threshold {self.threshold} for {strikes} evals")
@@ -184,18 +193,16 @@ class BanditPolicy:
     min_phase: int = 1
 
     def next_stage(self, history: Sequence[Stage], initial_loss: Optional[float] = None) -> Decision:
-        if not history:
-            return Decision(self.start, "start")
-        phase = current_phase(history)
-        if len(phase) < self.min_phase:
-            return Decision(phase[-1].kind, f"minimum phase length {self.min_phase} not reached")
+        held = hold(history, self.start, self.min_phase)
+        if held is not None:
+            return held
         rewards = self._rewards(history, initial_loss)
         for kind in KINDS:
             if not rewards[kind]:
                 return Decision(kind, f"exploring {kind} (never played with a measured reward)")
         t = sum(len(r) for r in rewards.values())
         scores = {k: _mean(r[-self.window:]) + self.c * math.sqrt(2 * math.log(t) / len(r)) for k, r in rewards.items()}
-        best = max(KINDS, key=lambda k: (scores[k], k == phase[-1].kind))
+        best = max(KINDS, key=lambda k: (scores[k], k == history[-1].kind))
         detail = ", ".join(f"{k} {scores[k]:.4g}" for k in KINDS)
         return Decision(best, f"UCB scores: {detail}")
 

@@ -49,6 +49,7 @@ def _slug(combo: dict[str, Any]) -> str:
 def run_sweep(
     config: Optional[Path], base_overrides: Sequence[str], grid_items: Sequence[str], seeds: Sequence[int], out: Path,
     run_one: Optional[Callable[[ExperimentConfig, Path], Any]] = None,
+    callbacks: Optional[Any] = None,
 ) -> list[dict[str, Any]]:
     """Validate every combination first (so a bad value fails before any work), then run them."""
     from fedfm import runner
@@ -60,15 +61,17 @@ def run_sweep(
         for seed in seeds:
             sets = list(base_overrides) + [f"{k}={json.dumps(v)}" for k, v in combo.items()] + [f"seed={seed}"]
             plans.append((combo, seed, load_config(config, sets)))
-    run_one = run_one or (lambda c, d: _run_or_resume(c, d, runner))
+    run_one = run_one or (lambda c, d: _run_or_resume(c, d, runner, callbacks))
     for combo, seed, cfg in plans:
         run_one(cfg, out / _slug(combo) / f"seed{seed}")
     rows = []
     for combo in combos(grid):
         sums = [json.loads((out / _slug(combo) / f"seed{s}" / "summary.json").read_text()) for s in seeds]
         row: dict[str, Any] = dict(combo)
-        for key in ("accuracy", "f1", "loss", "wall_s"):
-            row.update(_mean_std(key, [s[key] for s in sums if s.get(key) is not None]))
+        for key in ("accuracy", "f1", "perplexity", "loss", "MB", "wall_s"):
+            vals = [(s["bytes_up"] + s["bytes_down"]) / 1e6 for s in sums] if key == "MB" else \
+                [s[key] for s in sums if s.get(key) is not None]
+            row.update(_mean_std(key, vals))
         row["stages"] = sum(s["rounds"] for s in sums) / len(sums)
         rows.append(row)
     _write(rows, [k for k, _ in grid], out)
@@ -78,7 +81,7 @@ def run_sweep(
 def _write(rows: list[dict[str, Any]], keys: list[str], out: Path) -> None:
     import csv
 
-    cols = ("accuracy", "f1", "loss", "wall_s")
+    cols = ("accuracy", "f1", "perplexity", "loss", "MB", "wall_s")
     header = keys + ["stages"] + [f"{c} (mean +/- std)" for c in cols]
     md = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:

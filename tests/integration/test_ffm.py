@@ -121,3 +121,17 @@ def test_compare_table_has_every_paradigm_and_seed(tmp_path, tiny_cfg):
     csv_rows = (tmp_path / "cmp" / "table.csv").read_text().strip().splitlines()
     assert len(csv_rows) == 1 + len(PARADIGMS)
     assert (tmp_path / "cmp" / "accuracy_vs_stage.png").is_file() and (tmp_path / "cmp" / "accuracy_vs_mb.png").is_file()
+
+
+def test_sweep_runs_grid_and_tabulates(tmp_path):
+    from conftest import TINY
+
+    from fedfm.sweep import run_sweep
+
+    rows = run_sweep(None, TINY + ["federation.rounds=1"], ["algorithm.name=fedavg,fedprox", "client.lr=1e-3,2e-3"],
+                     [0], tmp_path / "sw")
+    assert len(rows) == 4 and {r["algorithm.name"] for r in rows} == {"fedavg", "fedprox"}
+    assert len((tmp_path / "sw" / "sweep.md").read_text().strip().splitlines()) == 2 + 4
+    with pytest.raises(ConfigError, match="algorithm.name"):  # every combination is checked before any run
+        run_sweep(None, TINY, ["algorithm.name=fedavg,nope"], [0], tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()
