@@ -98,15 +98,17 @@ COLUMNS = ("accuracy", "f1", "perplexity", "loss", "MB", "wall_s")
 
 
 def write_tables(rows: Sequence[dict[str, Any]], out: Path) -> None:
+    """table.md and table.csv; metric columns no run has (perplexity of a classifier) are left out."""
     out.mkdir(parents=True, exist_ok=True)
-    header = ["paradigm", "seeds", "stages"] + [f"{c} (mean +/- std)" for c in COLUMNS]
+    columns = [c for c in COLUMNS if any(r[f"{c}_mean"] is not None for r in rows)]
+    header = ["paradigm", "seeds", "stages"] + [f"{c} (mean +/- std)" for c in columns]
     md = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
-        cells = [r["paradigm"], str(r["seeds"]), f"{r['stages']:.1f}"] + [_pm(r, c) for c in COLUMNS]
+        cells = [r["paradigm"], str(r["seeds"]), f"{r['stages']:.1f}"] + [_pm(r, c) for c in columns]
         md.append("| " + " | ".join(cells) + " |")
     (out / "table.md").write_text("\n".join(md) + "\n", encoding="utf-8")
     buf = io.StringIO()
-    fields = ["paradigm", "seeds", "stages"] + [f"{c}_{s}" for c in COLUMNS for s in ("mean", "std")]
+    fields = ["paradigm", "seeds", "stages"] + [f"{c}_{s}" for c in columns for s in ("mean", "std")]
     writer = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)

@@ -74,7 +74,7 @@ def plot_paradigms(runs: dict[str, list[list[dict[str, Any]]]], out: Path) -> li
         if xname == "stage" and runs.get("ffm"):
             shade_phases(ax, runs["ffm"][0])
         ax.set(xlabel="stage (central stage or federated round)" if xname == "stage" else "MB communicated (cumulative)",
-               ylabel=f"test {key}", title=f"{key} vs {xname}" + (" (shaded: FFM central stages)" if xname == "stage" else ""))
+               ylabel=f"test {key}", title=f"{key} vs {xname}" + (" (shaded: central stages of FFM seed 0)" if xname == "stage" else ""))
         path = out / f"{key}_vs_{xname.lower()}.png"
         _finish(fig, (ax,), path)
         paths.append(path)
