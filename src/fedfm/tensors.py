@@ -20,16 +20,7 @@ def sub(a: "NamedTensors", b: "NamedTensors") -> "dict[str, torch.Tensor]":
     return zip_map(lambda x, y: x - y, a, b)
 
 
-def add(a: "NamedTensors", b: "NamedTensors") -> "dict[str, torch.Tensor]":
-    return zip_map(lambda x, y: x + y, a, b)
 
-
-def scale(a: "NamedTensors", s: float) -> "dict[str, torch.Tensor]":
-    return {k: v * s for k, v in a.items()}
-
-
-def clone(a: "NamedTensors") -> "dict[str, torch.Tensor]":
-    return {k: v.detach().clone() for k, v in a.items()}
 
 
 def weighted_sum(trees: "Sequence[NamedTensors]", weights: Iterable[float]) -> "dict[str, torch.Tensor]":
@@ -46,9 +37,6 @@ def weighted_sum(trees: "Sequence[NamedTensors]", weights: Iterable[float]) -> "
         out[k] = acc.to(ref.dtype)
     return out
 
-
-def numel(a: "NamedTensors") -> int:
-    return sum(v.numel() for v in a.values())
 
 
 def all_finite(a: "NamedTensors") -> bool:

@@ -79,9 +79,13 @@ class DebianFiles:
     folder: str
 
 
+def cache_root() -> Path:
+    """fedfm's cache: ``$FEDFM_CACHE``, default ``~/.cache/fedfm`` (data and converted models)."""
+    return Path(os.environ.get("FEDFM_CACHE", Path.home() / ".cache" / "fedfm"))
+
+
 def cache_dir() -> Path:
-    root = Path(os.environ.get("FEDFM_CACHE", Path.home() / ".cache" / "fedfm"))
-    return root / "data"
+    return cache_root() / "data"
 
 
 def sha256_of(path: Path) -> str:

