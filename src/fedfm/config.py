@@ -156,8 +156,18 @@ class AlgorithmConfig(_Section):
 
 
 class AggregatorConfig(_Section):
-    name: Literal["mean"] = "mean"
+    name: Literal["mean", "median", "trimmed-mean", "krum", "multi-krum", "bulyan", "norm-bound"] = "mean"
+    """mean: weighted mean (FedAvg); the others are robust to Byzantine clients."""
     weighting: Literal["examples", "uniform"] = "examples"
+    """Weights of the mean (and of norm-bound's mean); the robust rules treat updates equally."""
+    f: int = Field(0, ge=0)
+    """Byzantine clients tolerated per round (krum, multi-krum, bulyan)."""
+    trim: float = Field(0.1, ge=0, lt=0.5)
+    """trimmed-mean: the fraction cut from each end, per coordinate."""
+    select: Optional[int] = Field(None, ge=1)
+    """multi-krum: updates averaged (default n - f)."""
+    max_norm: float = Field(1.0, gt=0)
+    """norm-bound: updates with a larger L2 norm are scaled down to it before the mean."""
 
 
 class EvalConfig(_Section):
@@ -170,10 +180,42 @@ class EvalConfig(_Section):
     client_test_fraction: float = Field(0.2, gt=0, lt=1)
 
 
+class TlsConfig(_Section):
+    """TLS for a Flower deployment: the CA that signed the SuperLink's certificate (what clients
+    verify), and the SuperLink's own certificate and key (what `fedfm flower up` serves)."""
+
+    ca: Optional[str] = None
+    cert: Optional[str] = None
+    key: Optional[str] = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.ca is not None
+
+
+class AuthConfig(_Section):
+    """SuperNode authentication for a Flower deployment: only registered node keys may join."""
+
+    enabled: bool = False
+    keys_dir: Optional[str] = None
+    """Directory with one key pair per SuperNode (`fedfm flower keys` writes it)."""
+
+
 class RuntimeConfig(_Section):
-    name: Literal["inprocess"] = "inprocess"
+    name: Literal["inprocess", "flower-sim", "flower"] = "inprocess"
+    """inprocess: every client in this process (fast, the default); flower-sim: Flower's simulation
+    engine; flower: a Flower deployment (a SuperLink at ``address`` with SuperNodes)."""
     threads: Optional[int] = Field(None, ge=1)
     """torch intra-op threads (None = all cores)."""
+    address: str = "127.0.0.1:9093"
+    """flower: the SuperLink's Control API address (host:port) that runs are submitted to."""
+    tls: TlsConfig = TlsConfig()
+    auth: AuthConfig = AuthConfig()
+    round_timeout: float = Field(600.0, gt=0)
+    """flower, flower-sim: seconds a round waits for replies; clients that miss it are left out."""
+    min_clients: Optional[int] = Field(None, ge=1)
+    """flower, flower-sim: SuperNodes that must be connected before a round starts (default: the
+    cohort size), waited for at most ``round_timeout`` seconds."""
 
 
 class CheckpointConfig(_Section):
@@ -201,6 +243,19 @@ class ExperimentConfig(_Section):
     eval: EvalConfig = EvalConfig()
     runtime: RuntimeConfig = RuntimeConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
+
+    @model_validator(mode="after")
+    def _aggregator_fits_cohort(self) -> "ExperimentConfig":
+        a, n = self.aggregator, self.federation.clients_per_round
+        need = {"krum": 2 * a.f + 3, "multi-krum": 2 * a.f + 3, "bulyan": 4 * a.f + 3}.get(a.name)
+        if need is not None and n < need:
+            raise ValueError(f"aggregator.name={a.name!r} with f={a.f} needs at least {need} clients per round "
+                             f"(federation.clients_per_round={n}); lower aggregator.f or raise the cohort")
+        if a.name == "multi-krum" and a.select is not None and a.select > n - a.f:
+            raise ValueError(f"aggregator.select={a.select} exceeds clients_per_round - f = {n - a.f}")
+        if a.name == "trimmed-mean" and int(a.trim * n) * 2 >= n:
+            raise ValueError(f"aggregator.trim={a.trim} cuts every one of {n} updates; lower it")
+        return self
 
     @model_validator(mode="after")
     def _roles_fit_schedule(self) -> "ExperimentConfig":
@@ -274,6 +329,15 @@ def read_toml(path: Path) -> dict[str, Any]:
         return tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"config file {str(path)!r} is not valid TOML: {e}") from None
+
+
+def loads_config(text: str) -> ExperimentConfig:
+    """An experiment config from TOML text (as `to_toml` writes it)."""
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"experiment config text is not valid TOML: {e}") from e
+    return validate(raw)
 
 
 def parse_override(item: str) -> tuple[str, Any]:

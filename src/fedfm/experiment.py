@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from fedfm.data.tokenized import LMTexts, TokenizedTexts
     from fedfm.models.handle import ModelHandle
     from fedfm.round import RoundPlan
+    from fedfm.runtime.base import Runtime
     from fedfm.trainers.local import LocalTrainer
     from fedfm.types import NamedTensors, ServerState
 
@@ -87,23 +88,17 @@ class Experiment:
     central: Optional[LocalTrainer]  # the server's trainer on public data, if any
 
     @classmethod
-    def build(cls, cfg: ExperimentConfig) -> "Experiment":
+    def build(cls, cfg: ExperimentConfig, runtime: Optional["Runtime"] = None) -> "Experiment":
+        """Build everything; ``runtime`` replaces the in-process runtime (e.g. Flower's)."""
         from fedfm.aggregators import build_aggregator
-        from fedfm.algorithms import build_algorithm
         from fedfm.round import RoundPlan
         from fedfm.runtime.inprocess import InProcessRuntime
         from fedfm.trainers.local import LocalTrainer
 
-        set_threads(cfg)
-        algorithm, aggregator = build_algorithm(cfg.algorithm), build_aggregator(cfg.aggregator)
-        data = prepare_data(cfg)
-        handle = build_model(cfg, data.pool.num_classes)
-        tokens = encode_pool(cfg, data.pool, handle)
-        clients = {c: idx for c, idx in enumerate(data.train)}
-        trainer = LocalTrainer(handle, tokens, clients, cfg.client, algorithm)
-        plan = RoundPlan(algorithm=algorithm, aggregator=aggregator, runtime=InProcessRuntime(trainer),
-                         num_clients=cfg.federation.clients, clients_per_round=cfg.federation.clients_per_round,
-                         seed=cfg.seed)
+        data, handle, tokens, trainer = build_client_side(cfg)
+        plan = RoundPlan(algorithm=trainer.algorithm, aggregator=build_aggregator(cfg.aggregator),
+                         runtime=runtime or InProcessRuntime(trainer), num_clients=cfg.federation.clients,
+                         clients_per_round=cfg.federation.clients_per_round, seed=cfg.seed)
         central = None
         if data.public is not None:
             central = LocalTrainer(handle, tokens, {SERVER: data.public}, central_config(cfg), _NoRegularizer())
@@ -144,7 +139,22 @@ class Experiment:
         return out
 
 
-def central_config(cfg: ExperimentConfig):  # type: ignore[no-untyped-def]
+def build_client_side(cfg: ExperimentConfig) -> "tuple[DataRoles, ModelHandle, Any, LocalTrainer]":
+    """What every client needs, built the same way wherever it runs: the data roles (clients'
+    partitions are a pure function of the config), the model with its adapter, the encoded pool,
+    and the local trainer over all clients' partitions."""
+    from fedfm.algorithms import build_algorithm
+    from fedfm.trainers.local import LocalTrainer
+
+    set_threads(cfg)
+    data = prepare_data(cfg)
+    handle = build_model(cfg, data.pool.num_classes)
+    tokens = encode_pool(cfg, data.pool, handle)
+    trainer = LocalTrainer(handle, tokens, dict(enumerate(data.train)), cfg.client, build_algorithm(cfg.algorithm))
+    return data, handle, tokens, trainer
+
+
+def central_config(cfg: ExperimentConfig):  # type: ignore[no-untyped-def]  # type: ignore[no-untyped-def]
     """The server's local-training settings: client settings with the schedule's step count,
     learning rate and batch size (epochs are unbounded: the step count rules)."""
     s = cfg.schedule

@@ -14,7 +14,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from fedfm.checkpoint import load_state, save_state
 from fedfm.config import ExperimentConfig, load_config, to_toml
@@ -22,6 +22,9 @@ from fedfm.errors import ConfigError
 from fedfm.report.metrics import append_line, read_lines, truncate_after
 from fedfm.schedule import Stage
 from fedfm.types import ClientResult, RoundReport
+
+if TYPE_CHECKING:
+    from fedfm.runtime.base import Runtime
 
 
 @dataclass
@@ -34,27 +37,29 @@ class Callbacks:
     on_round_end: Optional[Callable[[dict[str, Any]], None]] = None
 
 
-def run(cfg: ExperimentConfig, out: Path, callbacks: Optional[Callbacks] = None) -> dict[str, Any]:
-    """Start a new run in ``out`` (which must not hold one already)."""
+def run(cfg: ExperimentConfig, out: Path, callbacks: Optional[Callbacks] = None,
+        runtime: Optional["Runtime"] = None) -> dict[str, Any]:
+    """Start a new run in ``out`` (which must not hold one already); ``runtime`` replaces the
+    in-process runtime (the Flower ServerApp passes its own)."""
     if (out / "config.toml").exists():
         raise ConfigError(f"{str(out)!r} already holds a run; resume it with --resume {out} or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.toml").write_text(to_toml(cfg), encoding="utf-8")
-    return _execute(cfg, out, callbacks or Callbacks())
+    return _execute(cfg, out, callbacks or Callbacks(), runtime)
 
 
-def resume(out: Path, callbacks: Optional[Callbacks] = None) -> dict[str, Any]:
+def resume(out: Path, callbacks: Optional[Callbacks] = None, runtime: Optional["Runtime"] = None) -> dict[str, Any]:
     """Continue the run in ``out`` from its last checkpoint, with its saved config."""
     if not (out / "config.toml").is_file():
         raise ConfigError(f"{str(out)!r} is not a run directory (no config.toml); nothing to resume")
-    return _execute(load_config(out / "config.toml"), out, callbacks or Callbacks())
+    return _execute(load_config(out / "config.toml"), out, callbacks or Callbacks(), runtime)
 
 
-def _execute(cfg: ExperimentConfig, out: Path, cb: Callbacks) -> dict[str, Any]:
+def _execute(cfg: ExperimentConfig, out: Path, cb: Callbacks, runtime: Optional["Runtime"] = None) -> dict[str, Any]:
     from fedfm.experiment import Experiment
     from fedfm.schedule import build_schedule, decide
 
-    exp = Experiment.build(cfg)
+    exp = Experiment.build(cfg, runtime)
     policy, budget = build_schedule(cfg)
     metrics_path, ckpt_dir = out / "metrics.jsonl", out / "checkpoints"
     loaded = load_state(ckpt_dir)

@@ -8,9 +8,9 @@ from dataclasses import dataclass, replace
 from typing import Callable, Optional, Sequence
 
 from fedfm import wire
-from fedfm.tensors import sub
+from fedfm.runtime.client import result_from_wire, train_client
 from fedfm.trainers.base import ClientTrainer
-from fedfm.types import ClientResult, ClientTask, ModelUpdate
+from fedfm.types import ClientResult, ClientTask
 
 
 @dataclass
@@ -31,9 +31,5 @@ class InProcessRuntime:
         return results
 
     def _client_turn(self, task: ClientTask, bytes_down: int) -> ClientResult:
-        (trained, metrics), = self.trainer.train_many([task])
-        up = wire.encode(sub(trained, task.params))
-        n = int(metrics["num_examples"])
-        update = ModelUpdate(delta=wire.decode(up), weight=float(n), num_examples=n)
-        return ClientResult(client_id=task.client_id, update=update, metrics=metrics,
-                            bytes_up=len(up), bytes_down=bytes_down)
+        up, metrics = train_client(self.trainer, task)
+        return result_from_wire(task.client_id, up, metrics, bytes_down)

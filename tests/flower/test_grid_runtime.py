@@ -1,0 +1,121 @@
+"""The Flower runtime's logic on an in-memory Grid: the real ServerApp loop and the real ClientApp
+functions, with message delivery faked (no processes). The loopback tests in this folder do the
+same over real SuperLink/SuperNode processes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+flwr = pytest.importorskip("flwr")
+
+from flwr.app import Context, RecordDict  # noqa: E402
+
+from fedfm.checkpoint import load_state  # noqa: E402
+from fedfm.config import to_toml  # noqa: E402
+from fedfm.errors import FedfmError  # noqa: E402
+from fedfm.runner import run  # noqa: E402
+from fedfm.runtime.flower import codec  # noqa: E402
+from fedfm.runtime.flower.client_app import app as client_app  # noqa: E402
+from fedfm.runtime.flower.grid_runtime import GridRuntime  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _task_identity():
+    """Flower stamps messages with the running task's identity; a real SuperLink sets it."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 0
+
+
+class MemoryGrid:
+    """Delivers each message to the ClientApp of its node, in this process.
+
+    ``partitions`` maps node id -> partition id; nodes in ``silent`` never answer (a killed node).
+    """
+
+    def __init__(self, partitions: dict[int, int], run_config: dict, silent=()):
+        self.partitions, self.run_config, self.silent = dict(partitions), run_config, set(silent)
+        self.trained: list[int] = []
+
+    def get_node_ids(self):
+        return list(self.partitions)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        replies = []
+        for m in messages:
+            node = m.metadata.dst_node_id
+            if node in self.silent:
+                continue
+            ctx = Context(run_id=1, node_id=node, node_config={codec.PARTITION_ID: self.partitions[node]},
+                          state=RecordDict(), run_config=self.run_config)
+            if m.metadata.message_type == codec.TRAIN:
+                self.trained.append(self.partitions[node])
+            replies.append(client_app(m, ctx))
+        return replies
+
+
+def _grid(cfg, out, **kw):
+    rc = {codec.RUN_CONFIG: to_toml(cfg), codec.RUN_OUT: str(out)}
+    return MemoryGrid({100 + c: c for c in range(cfg.federation.clients)}, rc, **kw)
+
+
+def test_grid_runtime_equals_inprocess_bitwise(tmp_path, tiny_cfg):
+    cfg = tiny_cfg('adapter.method="lora"', "adapter.dropout=0.1")
+    run(cfg, tmp_path / "inprocess")
+    grid = _grid(cfg, tmp_path / "flower")
+    run(cfg, tmp_path / "flower", runtime=GridRuntime(grid, round_timeout=5, min_clients=2))
+    a, _ = load_state(tmp_path / "inprocess" / "checkpoints")
+    b, _ = load_state(tmp_path / "flower" / "checkpoints")
+    assert a.round == b.round == 2 and list(a.params) == list(b.params)
+    assert all(torch.equal(a.params[k], b.params[k]) for k in a.params)
+    assert len(grid.trained) == 2 * cfg.federation.clients_per_round
+
+
+def test_silent_node_is_left_out_and_the_round_goes_on(tmp_path, tiny_cfg):
+    cfg = tiny_cfg("federation.clients_per_round=4", "federation.rounds=1")
+    grid = _grid(cfg, tmp_path, silent={102})
+    runtime = GridRuntime(grid, round_timeout=1, min_clients=2)
+    run(cfg, tmp_path / "run", runtime=runtime)
+    import json
+
+    line = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[1])
+    assert [r["client"] for r in line["rejected"]] == [2]
+    assert "no reply" in line["rejected"][0]["reason"] or "partition 2" in line["rejected"][0]["reason"]
+    assert sorted(grid.trained) == [0, 1, 3]
+
+
+def test_too_few_nodes_fails_clearly_within_the_timeout(tmp_path, tiny_cfg):
+    cfg = tiny_cfg()
+    grid = MemoryGrid({100: 0}, {codec.RUN_CONFIG: to_toml(cfg), codec.RUN_OUT: str(tmp_path)})
+    runtime = GridRuntime(grid, round_timeout=0.3, min_clients=2, poll_s=0.1)
+    with pytest.raises(FedfmError, match="only 1 SuperNode.*min_clients=2"):
+        run(cfg, tmp_path / "run", runtime=runtime)
+
+
+def test_task_reaching_the_wrong_partition_is_refused(tiny_cfg):
+    from fedfm.types import ClientTask
+
+    cfg = tiny_cfg()
+    grid = MemoryGrid({100: 0}, {codec.RUN_CONFIG: to_toml(cfg), codec.RUN_OUT: "unused"})
+    task = ClientTask(round=1, client_id=3, params={"w": torch.zeros(2)}, seed=1)
+    from flwr.app import Message
+
+    reply, = grid.send_and_receive([Message(codec.encode_task(task), dst_node_id=100, message_type=codec.TRAIN)])
+    wr = codec.decode_result(reply.content)
+    assert wr.up is None and "partition 3" in wr.error and "holding partition 0" in wr.error
+
+
+def test_codec_roundtrip_keeps_bytes_and_payload():
+    from fedfm import wire
+    from fedfm.types import ClientTask
+
+    params = {"a.weight": torch.randn(3, 4), "b": torch.arange(5, dtype=torch.float32)}
+    task = ClientTask(round=4, client_id=2, params=params, seed=99, payload={"mu": 0.01})
+    back, nbytes = codec.decode_task(codec.encode_task(task))
+    assert nbytes == len(wire.encode(params))
+    assert (back.round, back.client_id, back.seed, dict(back.payload)) == (4, 2, 99, {"mu": 0.01})
+    assert list(back.params) == list(params) and all(torch.equal(back.params[k], params[k]) for k in params)
+    up = wire.encode({"a.weight": torch.ones(3, 4)})
+    wr = codec.decode_result(codec.encode_result(2, up, {"train_loss": 0.5, "num_examples": 7}, nbytes))
+    assert wr.up == up and wr.metrics == {"train_loss": 0.5, "num_examples": 7.0} and wr.bytes_down == nbytes
