@@ -20,7 +20,8 @@ def _updates(n=4):
 
 @pytest.fixture(params=AGGREGATORS.names())
 def agg(request):
-    return AGGREGATORS.get(request.param).from_config(AggregatorConfig(name=request.param))
+    # a bound no test update reaches: the contract is about combining, not about clipping
+    return AGGREGATORS.get(request.param).from_config(AggregatorConfig(name=request.param, max_norm=1e9))
 
 
 def test_order_invariant(agg):
