@@ -41,26 +41,33 @@ class LocalTrainer:
         torch.manual_seed(task.seed)  # dropout masks; the only use of torch's global RNG
         rng = np.random.default_rng(task.seed)
         params = self.handle.trainable
-        optimizer = make_optimizer(self.cfg, list(params.values()))
-        model = self.handle.model
-        model.train()
+        self.handle.model.train()
+        model, optimizer, release = self._prepare(task, list(params.values()))
         losses, seen = [], 0
-        for batch_idx in self._batches(self.client_indices[task.client_id], rng):
-            seen += len(batch_idx)
-            loss = model(**self.data.batch(batch_idx, rng)).loss
-            reg = self.algorithm.client_regularizer(params, task.params, task.payload)
-            if reg is not None:
-                loss = loss + reg
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if self.cfg.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(params.values(), self.cfg.grad_clip)
-            optimizer.step()
-            losses.append(float(loss.detach()))
+        try:
+            for batch_idx in self._batches(self.client_indices[task.client_id], rng):
+                seen += len(batch_idx)
+                loss = model(**self.data.batch(batch_idx, rng)).loss
+                reg = self.algorithm.client_regularizer(params, task.params, task.payload)
+                if reg is not None:
+                    loss = loss + reg
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if self.cfg.grad_clip is not None:
+                    torch.nn.utils.clip_grad_norm_(params.values(), self.cfg.grad_clip)
+                optimizer.step()
+                losses.append(float(loss.detach()))
+        finally:
+            release()
         n = len(self.client_indices[task.client_id])
         metrics = {"train_loss": float(np.mean(losses)) if losses else float("nan"),
                    "steps": float(len(losses)), "num_examples": float(n), "examples_seen": float(seen)}
         return self.handle.get_params(), metrics
+
+    def _prepare(self, task: ClientTask, params: list[torch.nn.Parameter]) -> tuple[Any, Any, Any]:
+        """(the module to call, the optimizer, a cleanup to run after the loop); subclasses such
+        as the DP-SGD trainer wrap the model and the optimizer here."""
+        return self.handle.model, make_optimizer(self.cfg, params), lambda: None
 
     def _batches(self, idx: np.ndarray, rng: np.random.Generator) -> Any:
         steps = 0
