@@ -16,6 +16,9 @@ app = typer.Typer(help="fedfm: federated adaptation of foundation models.", no_a
                   pretty_exceptions_enable=False, add_completion=False)
 data_app = typer.Typer(help="Datasets: list, fetch, and inspect client partitions.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+flower_app = typer.Typer(help="Flower deployment: write an experiment's app, start or stop a local cluster.",
+                         no_args_is_help=True)
+app.add_typer(flower_app, name="flower")
 console = Console()
 err_console = Console(stderr=True)
 
@@ -191,6 +194,60 @@ def data_show(
         table.add_row("public (server)", str(len(roles.public)), *hist(roles.public), "", style="cyan")
     table.add_row("test", str(len(roles.test)), *hist(roles.test), "", style="bold")
     console.print(table)
+
+
+DEFAULT_CLUSTER = Path("runs") / "flower-cluster"
+
+
+@flower_app.command("app")
+def flower_app_cmd(
+    config: Optional[Path] = typer.Argument(None, help="Experiment TOML (default: the built-in default experiment)."),
+    set_: Optional[List[str]] = SetOpt,
+    out: Path = typer.Option(Path("flower-app"), "--out", "-o", help="Directory to write the Flower app into."),
+    run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="Where the ServerApp writes the run "
+                                           "(a path on the SuperLink's machine; default: runs/<config>-flower)."),
+) -> None:
+    """Write a runnable Flower app (pyproject.toml) for an experiment; submit it with `flwr run`."""
+    from fedfm.config import load_config, to_toml
+    from fedfm.runtime.flower.deploy import write_app
+
+    cfg = load_config(config, set_ or [])
+    target = run_dir or Path("runs") / f"{config.stem if config else 'default'}-flower"
+    write_app(to_toml(cfg), target, out)
+    console.print(f"wrote the Flower app to {out}/pyproject.toml (run directory {target.resolve()}).\n"
+                  f"Submit it with: flwr run {out} <connection>   (fedfm must be installed on the SuperLink "
+                  "and every SuperNode)")
+
+
+@flower_app.command("up")
+def flower_up_cmd(
+    nodes: int = typer.Option(3, "--nodes", "-n", min=1, help="SuperNodes to start (partitions 0..N-1)."),
+    tls: bool = typer.Option(False, "--tls", help="Serve TLS with a throwaway CA (written to STATE/tls)."),
+    auth: bool = typer.Option(False, "--auth", help="Require registered SuperNode keys (implies --tls)."),
+    state: Path = typer.Option(DEFAULT_CLUSTER, "--state", help="Directory for the cluster's state, logs and keys."),
+) -> None:
+    """Start a SuperLink and N SuperNodes on loopback (real processes, real network) and wait for them."""
+    from fedfm.runtime.flower import deploy
+
+    with console.status(f"starting a SuperLink and {nodes} SuperNodes"):
+        cluster = deploy.up(state, nodes, tls=tls, auth=auth)
+    lines = [f"SuperLink at {cluster.address} with {nodes} SuperNodes online (state in {cluster.state_dir}).",
+             "Run an experiment on it with:",
+             f"  fedfm run CONFIG --set runtime.name=\"flower\" --set runtime.address=\"{cluster.address}\""
+             + (f" --set runtime.tls.ca=\"{cluster.tls['ca']}\"" if cluster.tls else ""),
+             f"Stop it with: fedfm flower down --state {state}"]
+    console.print("\n".join(lines), highlight=False)
+
+
+@flower_app.command("down")
+def flower_down_cmd(
+    state: Path = typer.Option(DEFAULT_CLUSTER, "--state", help="The directory `fedfm flower up` used."),
+) -> None:
+    """Stop exactly the processes `fedfm flower up` started."""
+    from fedfm.runtime.flower import deploy
+
+    stopped = deploy.down(state)
+    console.print(f"stopped {len(stopped)} processes" if stopped else f"no cluster running from {state}")
 
 
 class _Progress:

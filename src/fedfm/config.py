@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fedfm.errors import ConfigError
 
@@ -217,10 +217,105 @@ class RuntimeConfig(_Section):
     """flower, flower-sim: SuperNodes that must be connected before a round starts (default: the
     cohort size), waited for at most ``round_timeout`` seconds."""
 
+    @model_validator(mode="after")
+    def _auth_needs_tls(self) -> "RuntimeConfig":
+        if self.auth.enabled and (self.tls.ca is None or self.auth.keys_dir is None):
+            raise ValueError("runtime.auth.enabled needs runtime.tls.ca (Flower authenticates SuperNodes only "
+                             "over TLS) and runtime.auth.keys_dir (the SuperNodes' public keys to register)")
+        return self
+
 
 class CheckpointConfig(_Section):
     every: int = Field(1, ge=1)
     """Save the server state every this many rounds (and after the last)."""
+
+
+class PrivacyConfig(_Section):
+    """Differential privacy of the clients' updates (user-level: one client's whole data).
+
+    central: DP-FedAvg (McMahan et al. 2018): clients clip to ``clip``, the server takes a uniform
+    mean over the fixed denominator clients_per_round and adds Gaussian noise (the aggregator's
+    weighting does not apply). local: each client clips and adds noise before sending. Noise
+    always follows clipping: there is no way to configure one without the other.
+    """
+
+    mechanism: Literal["none", "central", "local", "dpsgd"] = "none"
+    clip: float = Field(1.0, gt=0)
+    """L2 clip norm C of a client's update (the starting norm with adaptive_clip)."""
+    adaptive_clip: bool = False
+    """central only: track a quantile of update norms (Andrew et al. 2021)."""
+    target_quantile: float = Field(0.5, ge=0, le=1)
+    """adaptive_clip: the fraction of updates meant to fall within the clip norm."""
+    clip_lr: float = Field(0.2, ge=0)
+    """adaptive_clip: learning rate of the geometric clip update."""
+    noise_multiplier: Optional[float] = Field(None, ge=0)
+    """z: noise std = z * C (central: divided by clients_per_round). Set this or target_epsilon."""
+    target_epsilon: Optional[float] = Field(None, gt=0)
+    """Calibrate z once so the planned federated rounds end at this epsilon. Set this or noise_multiplier."""
+    delta: float = Field(1e-5, gt=0, lt=1)
+    accountant: Literal["rdp", "pld"] = "rdp"
+
+
+class SecureAggConfig(_Section):
+    """Secure aggregation (SecAgg, Bonawitz et al. 2017; SecAgg+ with ``neighbours``, Bell et al. 2020):
+    the server learns only the (weighted) sum of the cohort's updates."""
+
+    enabled: bool = False
+    max_dropout: float = Field(0.3, ge=0, lt=0.5)
+    """Fraction of clients that may drop after masking while the sum is still recovered."""
+    bits: int = Field(32, ge=16, le=62)
+    """Fixed-point ring Z_(2^bits) the masked vectors live in."""
+    clip_range: float = Field(1.0, gt=0)
+    """Each (weighted) coordinate is clipped to [-clip_range, clip_range] before encoding."""
+    neighbours: Optional[int] = Field(None, ge=1)
+    """SecAgg+: clients each client masks with (None = all others, classic SecAgg)."""
+    dropout: float = Field(0.0, ge=0, lt=0.5)
+    """Simulation: fraction of the cohort that drops after masking, to exercise recovery."""
+
+
+CompressorName = Literal["none", "quantize", "topk", "lowrank"]
+
+
+class CompressionConfig(_Section):
+    """Uplink compression of client updates; a list is a chain applied in order."""
+
+    name: Union[CompressorName, list[CompressorName]] = "none"
+    bits: int = Field(8, ge=1)
+    """quantize: bits per value (1, 2, 4 or 8)."""
+    fraction: float = Field(0.01, gt=0, le=1)
+    """topk: share of each tensor's coordinates sent."""
+    rank: int = Field(4, ge=1)
+    """lowrank: rank of the factors."""
+    error_feedback: bool = True
+    """Keep what compression dropped on the client and send it in later rounds (Karimireddy et al. 2019)."""
+
+    @field_validator("name", mode="before")
+    @classmethod
+    def _known_names(cls, value: Any) -> Any:
+        allowed = get_args(CompressorName)
+        names = value if isinstance(value, list) else [value]
+        unknown = [n for n in names if n not in allowed]
+        if unknown:
+            raise ValueError(f"unknown compressor {unknown[0]!r}; allowed: {', '.join(allowed)}, or a list of them "
+                             "applied in order (e.g. [\"topk\", \"quantize\"])")
+        return value
+
+    @model_validator(mode="after")
+    def _chain_builds(self) -> "CompressionConfig":
+        names = [self.name] if isinstance(self.name, str) else list(self.name)
+        if all(n == "none" for n in names):
+            return self
+        from fedfm.compression import build_compressor
+
+        try:
+            build_compressor(names, self.bits, self.fraction, self.rank, self.error_feedback)
+        except ValueError as e:
+            raise ValueError(f"compression.name={self.name!r} cannot be built: {e}") from None
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return any(n != "none" for n in ([self.name] if isinstance(self.name, str) else self.name))
 
 
 class ExperimentConfig(_Section):
@@ -243,6 +338,9 @@ class ExperimentConfig(_Section):
     eval: EvalConfig = EvalConfig()
     runtime: RuntimeConfig = RuntimeConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
+    privacy: PrivacyConfig = PrivacyConfig()
+    secagg: SecureAggConfig = SecureAggConfig()
+    compression: CompressionConfig = CompressionConfig()
 
     @model_validator(mode="after")
     def _aggregator_fits_cohort(self) -> "ExperimentConfig":
@@ -295,6 +393,24 @@ class ExperimentConfig(_Section):
             raise ValueError(f"schedule.policy={s.policy!r} watches a validation loss; data.val_fraction must be > 0")
         return self
 
+
+    @model_validator(mode="after")
+    def _trust_pipeline_fits(self) -> "ExperimentConfig":
+        """Privacy, secure aggregation and compression combinations, refused once here."""
+        p, sa, agg = self.privacy, self.secagg, self.aggregator.name
+        if p.mechanism == "dpsgd":
+            raise ValueError("privacy.mechanism='dpsgd' is not built yet: use central or local")
+        _check_noise(p)
+        if p.mechanism == "central" and agg != "mean":
+            raise ValueError(f"privacy.mechanism='central' needs aggregator.name='mean' (got {agg!r}): its "
+                             "fixed-denominator mean of clipped updates is what bounds one client's influence "
+                             "(the sensitivity the noise is calibrated to)")
+        if p.adaptive_clip:
+            _check_adaptive_clip(p, sa.enabled, self.federation.clients_per_round)
+        if sa.enabled:
+            _check_secagg(sa, agg, self.compression, self.federation.clients_per_round)
+        return self
+
     @property
     def private_data(self) -> str:
         return self.data.private or self.data.name
@@ -304,6 +420,55 @@ class ExperimentConfig(_Section):
         if self.data.val_fraction is not None:
             return self.data.val_fraction
         return 0.1 if self.schedule.policy != "fixed" else 0.0
+
+
+def _check_noise(p: PrivacyConfig) -> None:
+    both = "privacy.noise_multiplier and privacy.target_epsilon"
+    given = [k for k, v in (("noise_multiplier", p.noise_multiplier), ("target_epsilon", p.target_epsilon))
+             if v is not None]
+    if p.mechanism == "none":
+        if given or p.adaptive_clip:
+            keys = ", ".join(f"privacy.{k}" for k in given + (["adaptive_clip"] if p.adaptive_clip else []))
+            raise ValueError(f"{keys} set but privacy.mechanism='none': noise only comes after clipping, which "
+                             "the central or local mechanism does; set privacy.mechanism to 'central' or 'local'")
+        return
+    if len(given) != 1:
+        what = "both are set" if given else "neither is set"
+        raise ValueError(f"privacy.mechanism={p.mechanism!r} needs exactly one of {both} ({what}): "
+                         "give the noise directly or the epsilon budget to calibrate it to")
+
+
+def _check_adaptive_clip(p: PrivacyConfig, secagg: bool, cohort: int) -> None:
+    if p.mechanism != "central":
+        raise ValueError(f"privacy.adaptive_clip needs privacy.mechanism='central' (got {p.mechanism!r}): "
+                         "the clip norm is adapted from the noised count of clipped updates at the server")
+    if secagg:
+        raise ValueError("privacy.adaptive_clip cannot run with secagg.enabled: the server needs the count of "
+                         "clipped updates, which secure aggregation hides; use a fixed privacy.clip")
+    z, limit = p.noise_multiplier, cohort / 10
+    if z is not None and z > 0 and z >= limit:
+        raise ValueError(f"privacy.adaptive_clip spends part of the budget on the clipped-count noise (std "
+                         f"clients_per_round / 20 = {cohort / 20:g}), so privacy.noise_multiplier={z} must be "
+                         f"below clients_per_round / 10 = {limit:g}; raise the cohort or use a fixed clip")
+
+
+def _check_secagg(sa: SecureAggConfig, agg: str, comp: CompressionConfig, cohort: int) -> None:
+    if agg != "mean":
+        raise ValueError(f"secagg.enabled needs aggregator.name='mean' (got {agg!r}): robust aggregators need "
+                         "the individual updates, which the server never sees under secure aggregation")
+    if comp.enabled:
+        raise ValueError(f"secagg.enabled cannot run with compression.name={comp.name!r}: secure aggregation "
+                         "sums dense fixed-point vectors; set compression.name='none'")
+    if cohort < 2:
+        raise ValueError("secagg.enabled needs federation.clients_per_round >= 2: a sum of one update is that update")
+    if sa.dropout > sa.max_dropout:
+        raise ValueError(f"secagg.dropout={sa.dropout} exceeds secagg.max_dropout={sa.max_dropout}: the sum "
+                         "could not be recovered; allowed: 0 <= dropout <= max_dropout")
+    if sa.neighbours is not None and sa.neighbours >= cohort:
+        raise ValueError(f"secagg.neighbours={sa.neighbours} must be below federation.clients_per_round={cohort} "
+                         "(a client masks with at most every other member of the cohort)")
+    if ((1 << (sa.bits - 1)) - 1) // cohort < 1:
+        raise ValueError(f"secagg.bits={sa.bits} is too small to sum {cohort} clients; increase secagg.bits")
 
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "default.toml"

@@ -11,6 +11,8 @@ import numpy as np
 from fedfm.config import ExperimentConfig
 
 if TYPE_CHECKING:
+    import torch
+
     from fedfm.data.roles import DataRoles
     from fedfm.data.images import ImageTensors
     from fedfm.data.tokenized import LMTexts, TokenizedTexts
@@ -86,29 +88,36 @@ class Experiment:
     data: DataRoles
     plan: RoundPlan
     central: Optional[LocalTrainer]  # the server's trainer on public data, if any
+    client_states: Optional[dict[int, dict[str, torch.Tensor]]] = None
+    """The in-process runtime's per-client pipeline state (checkpointed); None with an outside runtime."""
 
     @classmethod
     def build(cls, cfg: ExperimentConfig, runtime: Optional["Runtime"] = None) -> "Experiment":
         """Build everything; ``runtime`` replaces the in-process runtime (e.g. Flower's)."""
         from fedfm.aggregators import build_aggregator
+        from fedfm.pipeline import build_pipeline
         from fedfm.round import RoundPlan
         from fedfm.runtime.inprocess import InProcessRuntime
         from fedfm.trainers.local import LocalTrainer
 
         data, handle, tokens, trainer = build_client_side(cfg)
+        pipeline = build_pipeline(cfg)
+        inprocess = InProcessRuntime(trainer, pipeline) if runtime is None else None
         plan = RoundPlan(algorithm=trainer.algorithm, aggregator=build_aggregator(cfg.aggregator),
-                         runtime=runtime or InProcessRuntime(trainer), num_clients=cfg.federation.clients,
-                         clients_per_round=cfg.federation.clients_per_round, seed=cfg.seed)
+                         runtime=runtime or inprocess, num_clients=cfg.federation.clients,  # type: ignore[arg-type]
+                         clients_per_round=cfg.federation.clients_per_round, seed=cfg.seed, pipeline=pipeline)
         central = None
         if data.public is not None:
             central = LocalTrainer(handle, tokens, {SERVER: data.public}, central_config(cfg), _NoRegularizer())
-        return cls(cfg=cfg, handle=handle, tokens=tokens, data=data, plan=plan, central=central)
+        return cls(cfg=cfg, handle=handle, tokens=tokens, data=data, plan=plan, central=central,
+                   client_states=inprocess.client_states if inprocess is not None else None)
 
     def initial_state(self) -> ServerState:
         from fedfm.types import ServerState
 
         params = self.handle.get_params()
-        return ServerState(round=0, params=params, opt_state=self.plan.algorithm.init_state(params))
+        return ServerState(round=0, params=params, opt_state=self.plan.algorithm.init_state(params),
+                           extra=self.plan.pipeline.initial_extra())
 
     def validation_loss(self, params: NamedTensors) -> Optional[float]:
         """Loss on the clients' held-out validation examples (None when none are held out).

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
 import numpy as np
 
 from fedfm.aggregators.base import Aggregator
 from fedfm.algorithms.base import Algorithm
+from fedfm.pipeline import UpdatePipeline
 from fedfm.runtime.base import Runtime
 from fedfm.tensors import all_finite
 from fedfm.types import ClientResult, ClientTask, ModelUpdate, NamedTensors, RoundReport, ServerState
+
+log = logging.getLogger("fedfm.round")
 
 
 @dataclass(frozen=True)
@@ -25,6 +29,7 @@ class RoundPlan:
     num_clients: int
     clients_per_round: int
     seed: int
+    pipeline: UpdatePipeline = field(default_factory=UpdatePipeline)
 
 
 def run_round(
@@ -35,23 +40,31 @@ def run_round(
     rnd = state.round + 1
     # 1. sample the cohort
     cohort = sample_cohort(plan.seed, rnd, plan.num_clients, plan.clients_per_round)
-    # 2. one task per client: the global trainable params plus the algorithm's payload
+    # 2. one task per client: the global trainable params, the algorithm's and the pipeline's payload
     tasks = make_tasks(state, rnd, cohort, plan)
-    # 3. the runtime delivers tasks and collects results
+    # 3. the runtime delivers tasks and collects payloads (each client: train, clip, noise, compress)
     results = plan.runtime.run(tasks, on_result)
-    # 4. reject malformed updates (NaN/Inf, wrong names or shapes); the round goes on without them
-    accepted, rejected = screen(results, state.params)
-    # 5. aggregate and 6. apply the algorithm's server step
-    params, opt_state = dict(state.params), dict(state.opt_state)
+    # 4. decode payloads; reject malformed ones (bad payload, NaN/Inf, wrong names or shapes)
+    received = [plan.pipeline.receive(r, state.params) for r in results]
+    accepted, rejected = screen(received, state.params)
+    for r in rejected:
+        log.warning("round %d: update of client %d rejected: %s", rnd, r["client"], r["reason"])
+    # 5. aggregate (secure sum, central noise or the aggregator) and 6. the algorithm's server step
+    params, opt_state, extra = dict(state.params), dict(state.opt_state), dict(state.extra)
     if accepted:
-        delta = plan.aggregator.aggregate([r.update for r in accepted])  # type: ignore[misc]
-        params, opt_state = plan.algorithm.server_update(state.params, state.opt_state, delta)
+        agg = plan.pipeline.aggregate(accepted, state.extra, rnd, plan.aggregator)
+        extra, rejected = agg.extra, rejected + list(agg.dropped)
+        if agg.delta is not None:
+            params, opt_state = plan.algorithm.server_update(state.params, state.opt_state, agg.delta)
+    # 7. charge the round's privacy cost
+    extra, epsilon = plan.pipeline.account(extra, cohort)
     report = RoundReport(
         round=rnd, clients=tuple(cohort), train_loss=_weighted_loss(accepted),
         bytes_up=sum(r.bytes_up for r in results), bytes_down=sum(r.bytes_down for r in results),
         rejected=tuple(rejected), wall_s=time.perf_counter() - start,
+        epsilon=epsilon, delta=plan.pipeline.delta if epsilon is not None else None,
     )
-    return ServerState(round=rnd, params=params, opt_state=opt_state), report
+    return ServerState(round=rnd, params=params, opt_state=opt_state, extra=extra), report
 
 
 def sample_cohort(seed: int, rnd: int, num_clients: int, k: int) -> list[int]:
@@ -61,7 +74,7 @@ def sample_cohort(seed: int, rnd: int, num_clients: int, k: int) -> list[int]:
 
 
 def make_tasks(state: ServerState, rnd: int, cohort: Sequence[int], plan: RoundPlan) -> list[ClientTask]:
-    payload = plan.algorithm.client_payload()
+    payload = {**plan.algorithm.client_payload(), **plan.pipeline.client_payload(state.extra)}
     return [
         ClientTask(round=rnd, client_id=c, params=state.params, seed=client_seed(plan.seed, rnd, c), payload=payload)
         for c in cohort

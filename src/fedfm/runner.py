@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
-from fedfm.checkpoint import load_state, save_state
+from fedfm.checkpoint import load_client_states, load_state, save_state
 from fedfm.config import ExperimentConfig, load_config, to_toml
 from fedfm.errors import ConfigError
 from fedfm.report.metrics import append_line, read_lines, truncate_after
@@ -43,6 +43,10 @@ def run(cfg: ExperimentConfig, out: Path, callbacks: Optional[Callbacks] = None,
     in-process runtime (the Flower ServerApp passes its own)."""
     if (out / "config.toml").exists():
         raise ConfigError(f"{str(out)!r} already holds a run; resume it with --resume {out} or choose another --out")
+    if runtime is None and cfg.runtime.name != "inprocess":
+        from fedfm.runtime.flower.launch import launch
+
+        return launch(cfg, out, callbacks)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.toml").write_text(to_toml(cfg), encoding="utf-8")
     return _execute(cfg, out, callbacks or Callbacks(), runtime)
@@ -52,7 +56,12 @@ def resume(out: Path, callbacks: Optional[Callbacks] = None, runtime: Optional["
     """Continue the run in ``out`` from its last checkpoint, with its saved config."""
     if not (out / "config.toml").is_file():
         raise ConfigError(f"{str(out)!r} is not a run directory (no config.toml); nothing to resume")
-    return _execute(load_config(out / "config.toml"), out, callbacks or Callbacks(), runtime)
+    cfg = load_config(out / "config.toml")
+    if runtime is None and cfg.runtime.name != "inprocess":
+        from fedfm.runtime.flower.launch import launch
+
+        return launch(cfg, out, callbacks)
+    return _execute(cfg, out, callbacks or Callbacks(), runtime)
 
 
 def _execute(cfg: ExperimentConfig, out: Path, cb: Callbacks, runtime: Optional["Runtime"] = None) -> dict[str, Any]:
@@ -64,6 +73,8 @@ def _execute(cfg: ExperimentConfig, out: Path, cb: Callbacks, runtime: Optional[
     metrics_path, ckpt_dir = out / "metrics.jsonl", out / "checkpoints"
     loaded = load_state(ckpt_dir)
     state, elapsed = (loaded[0], float(loaded[1].get("elapsed_s", 0.0))) if loaded else (exp.initial_state(), 0.0)
+    if loaded and exp.client_states is not None:
+        exp.client_states.update(load_client_states(ckpt_dir, loaded[1]))
     truncate_after(metrics_path, state.round if loaded else -1)
     if not loaded:
         append_line(metrics_path, {"round": 0, "phase": "init", **exp.evaluate(state.params),
@@ -72,7 +83,7 @@ def _execute(cfg: ExperimentConfig, out: Path, cb: Callbacks, runtime: Optional[
     history, initial_loss = _history(lines), lines[0].get("val_loss")
     decision = decide(policy, budget, history, initial_loss)
     if cb.on_start:
-        cb.on_start(state.round + 1, _planned_stages(cfg))
+        cb.on_start(state.round + 1, planned_stages(cfg))
     while decision.kind is not None:
         t0 = time.perf_counter()
         state, report, cost = _stage(decision.kind, state, exp, cb)
@@ -87,7 +98,7 @@ def _execute(cfg: ExperimentConfig, out: Path, cb: Callbacks, runtime: Optional[
         line = _line(report, decision, evals, cost, elapsed)
         append_line(metrics_path, line)
         if state.round % cfg.checkpoint.every == 0 or last:
-            save_state(ckpt_dir, state, {"elapsed_s": elapsed})
+            save_state(ckpt_dir, state, {"elapsed_s": elapsed}, exp.client_states)
         if cb.on_round_end:
             cb.on_round_end(line)
         decision = upcoming
@@ -129,14 +140,16 @@ def central_stage(state: Any, exp: Any) -> tuple[Any, RoundReport, float]:
     params, metrics = exp.central.train(task)
     report = RoundReport(round=rnd, clients=(), train_loss=metrics["train_loss"], bytes_up=0, bytes_down=0,
                          wall_s=time.perf_counter() - t0)
-    return ServerState(round=rnd, params=params, opt_state=state.opt_state), report, metrics["examples_seen"]
+    # public data costs no privacy: the pipeline's state (privacy ledger, clip) passes through unchanged
+    return (ServerState(round=rnd, params=params, opt_state=state.opt_state, extra=state.extra), report,
+            metrics["examples_seen"])
 
 
 def _history(lines: list[dict[str, Any]]) -> list[Stage]:
     return [Stage(r["phase"], r.get("val_loss"), float(r.get("cost", 0.0))) for r in lines if r["round"] > 0]
 
 
-def _planned_stages(cfg: ExperimentConfig) -> Optional[int]:
+def planned_stages(cfg: ExperimentConfig) -> Optional[int]:
     """Stages the progress bar expects (None when a budget or policy makes it unknown)."""
     s = cfg.schedule
     if s.central_steps == 0 and s.budget_rounds is None and s.budget_compute is None:
@@ -152,6 +165,7 @@ def _line(report: RoundReport, decision: Any, evals: dict[str, Any], cost: float
         **{k: v for k, v in evals.items() if k not in ("loss", "accuracy", "f1", "perplexity")},
         "bytes_up": report.bytes_up, "bytes_down": report.bytes_down, "clients": list(report.clients),
         "rejected": list(report.rejected), "cost": cost, "wall_s": report.wall_s, "elapsed_s": elapsed,
+        **({"epsilon": report.epsilon, "delta": report.delta} if report.epsilon is not None else {}),
     }
 
 

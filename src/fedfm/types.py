@@ -58,11 +58,14 @@ class ClientResult:
 
     Attributes:
         client_id: the client's partition index.
-        update: the update, or None when the client failed.
-        metrics: scalar training metrics (train_loss, steps, ...).
-        bytes_up: serialized size of the update as sent.
+        update: the dense update; None when the client failed, and until the server has decoded
+            ``payload`` (runtimes hand back the payload, the round decodes it).
+        metrics: scalar training metrics (train_loss, steps, num_examples, clipped, ...).
+        bytes_up: serialized size of the payload as sent.
         bytes_down: serialized size of the task params as received.
         error: why the client produced no update, if it did not.
+        payload: the update's wire payload as received (compressed, clipped, noised by the
+            client's pipeline); see fedfm.pipeline.
     """
 
     client_id: int
@@ -71,6 +74,7 @@ class ClientResult:
     bytes_up: int
     bytes_down: int
     error: str | None = None
+    payload: NamedTensors | None = None
 
 
 @dataclass(frozen=True)
@@ -81,11 +85,14 @@ class ServerState:
         round: rounds completed so far (0 before training).
         params: global trainable parameters.
         opt_state: server-optimizer state (e.g. FedAdam moments), name -> tensor.
+        extra: JSON-able server-side pipeline state (adaptive clip, privacy ledger counts; see
+            fedfm.pipeline), checkpointed in state.json.
     """
 
     round: int
     params: NamedTensors
     opt_state: NamedTensors = field(default_factory=dict)
+    extra: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -99,3 +106,6 @@ class RoundReport:
     bytes_down: int
     rejected: tuple[Mapping[str, Any], ...] = ()
     wall_s: float = 0.0
+    epsilon: float | None = None
+    """Privacy spent so far at ``delta`` (None without a privacy mechanism; inf without noise)."""
+    delta: float | None = None

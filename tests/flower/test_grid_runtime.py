@@ -11,7 +11,7 @@ flwr = pytest.importorskip("flwr")
 
 from flwr.app import Context, RecordDict  # noqa: E402
 
-from fedfm.checkpoint import load_state  # noqa: E402
+from fedfm.checkpoint import load_client_states, load_state  # noqa: E402
 from fedfm.config import to_toml  # noqa: E402
 from fedfm.errors import FedfmError  # noqa: E402
 from fedfm.runner import run  # noqa: E402
@@ -32,11 +32,13 @@ class MemoryGrid:
     """Delivers each message to the ClientApp of its node, in this process.
 
     ``partitions`` maps node id -> partition id; nodes in ``silent`` never answer (a killed node).
+    Each node keeps one persistent ``context.state``, as a real SuperNode does across rounds.
     """
 
     def __init__(self, partitions: dict[int, int], run_config: dict, silent=()):
         self.partitions, self.run_config, self.silent = dict(partitions), run_config, set(silent)
         self.trained: list[int] = []
+        self.states = {node: RecordDict() for node in self.partitions}
 
     def get_node_ids(self):
         return list(self.partitions)
@@ -48,7 +50,7 @@ class MemoryGrid:
             if node in self.silent:
                 continue
             ctx = Context(run_id=1, node_id=node, node_config={codec.PARTITION_ID: self.partitions[node]},
-                          state=RecordDict(), run_config=self.run_config)
+                          state=self.states[node], run_config=self.run_config)
             if m.metadata.message_type == codec.TRAIN:
                 self.trained.append(self.partitions[node])
             replies.append(client_app(m, ctx))
@@ -60,16 +62,29 @@ def _grid(cfg, out, **kw):
     return MemoryGrid({100 + c: c for c in range(cfg.federation.clients)}, rc, **kw)
 
 
-def test_grid_runtime_equals_inprocess_bitwise(tmp_path, tiny_cfg):
-    cfg = tiny_cfg('adapter.method="lora"', "adapter.dropout=0.1")
+@pytest.mark.parametrize("pipeline", [
+    (),
+    # local DP noise and stochastic rounding drawn on the clients, top-k residuals kept in context.state
+    ('privacy.mechanism="local"', "privacy.noise_multiplier=0.05", "privacy.clip=0.5",
+     'compression.name=["topk", "quantize"]', "compression.fraction=0.1", "federation.rounds=3"),
+], ids=["plain", "local-dp+topk-ef+quantize"])
+def test_grid_runtime_equals_inprocess_bitwise(tmp_path, tiny_cfg, pipeline):
+    cfg = tiny_cfg('adapter.method="lora"', "adapter.dropout=0.1", *pipeline)
     run(cfg, tmp_path / "inprocess")
     grid = _grid(cfg, tmp_path / "flower")
     run(cfg, tmp_path / "flower", runtime=GridRuntime(grid, round_timeout=5, min_clients=2))
-    a, _ = load_state(tmp_path / "inprocess" / "checkpoints")
+    a, meta = load_state(tmp_path / "inprocess" / "checkpoints")
     b, _ = load_state(tmp_path / "flower" / "checkpoints")
-    assert a.round == b.round == 2 and list(a.params) == list(b.params)
+    assert a.round == b.round and list(a.params) == list(b.params) and a.extra == b.extra
     assert all(torch.equal(a.params[k], b.params[k]) for k in a.params)
-    assert len(grid.trained) == 2 * cfg.federation.clients_per_round
+    assert len(grid.trained) == cfg.federation.rounds * cfg.federation.clients_per_round
+    assert a.round == cfg.federation.rounds
+    # the residuals the in-process runtime checkpointed are the ones the SuperNodes keep
+    kept = load_client_states(tmp_path / "inprocess" / "checkpoints", meta)
+    on_nodes = {c: codec.load_client_state(grid.states[100 + c]) for c in range(cfg.federation.clients)}
+    assert {c for c, s in on_nodes.items() if s} == set(kept) and (bool(kept) == bool(pipeline))
+    for c, residual in kept.items():
+        assert list(residual) == list(on_nodes[c]) and all(torch.equal(residual[k], on_nodes[c][k]) for k in residual)
 
 
 def test_silent_node_is_left_out_and_the_round_goes_on(tmp_path, tiny_cfg):

@@ -1,4 +1,7 @@
-"""Malformed client updates are rejected and logged; the round completes with the rest."""
+"""Malformed client updates are rejected and logged; the round completes with the rest.
+
+Runtimes hand back each client's payload as it arrived; with no compression configured the payload
+is the delta itself, so corrupting it is corrupting the update."""
 
 from __future__ import annotations
 
@@ -19,11 +22,11 @@ class Corrupting:
 
     def run(self, tasks, on_result=None):
         out = self.inner.run(tasks, on_result)
-        bad_nan = {k: torch.full_like(v, float("nan")) for k, v in out[0].update.delta.items()}
-        first = next(iter(out[1].update.delta))
-        bad_shape = dict(out[1].update.delta, **{first: torch.zeros(3, 3, 3)})
-        out[0] = dataclasses.replace(out[0], update=dataclasses.replace(out[0].update, delta=bad_nan))
-        out[1] = dataclasses.replace(out[1], update=dataclasses.replace(out[1].update, delta=bad_shape))
+        bad_nan = {k: torch.full_like(v, float("nan")) for k, v in out[0].payload.items()}
+        first = next(iter(out[1].payload))
+        bad_shape = dict(out[1].payload, **{first: torch.zeros(3, 3, 3)})
+        out[0] = dataclasses.replace(out[0], payload=bad_nan)
+        out[1] = dataclasses.replace(out[1], payload=bad_shape)
         return out
 
 
@@ -43,10 +46,10 @@ def test_bad_updates_rejected_round_completes(tiny_cfg):
     new, report = run_round(state, plan)
     reasons = sorted(r["reason"] for r in report.rejected)
     assert len(reasons) == 2
-    assert any("NaN" in r for r in reasons) and any("shape" in r for r in reasons)
-    good = [r.update for r in captured[2:]]
-    total = sum(u.weight for u in good)
-    expected = weighted_sum([u.delta for u in good], [u.weight / total for u in good])
+    assert any("NaN" in r for r in reasons) and any("(3, 3, 3)" in r and "expected" in r for r in reasons)
+    good = [(r.payload, r.metrics["num_examples"]) for r in captured[2:]]
+    total = sum(n for _, n in good)
+    expected = weighted_sum([d for d, _ in good], [n / total for _, n in good])
     for k in state.params:
         assert torch.allclose(new.params[k], state.params[k] + expected[k], atol=1e-6)
         assert torch.isfinite(new.params[k]).all()

@@ -30,9 +30,13 @@ RUN_CONFIG = "fedfm-config"
 """Run-config key holding the experiment's TOML text."""
 RUN_OUT = "fedfm-out"
 """Run-config key holding the run directory the ServerApp writes to."""
+SIM_CONFIG_ENV = "FEDFM_FLOWER_CONFIG"
+"""Environment variable with the experiment TOML for simulated ClientApps (see launch.py)."""
 
 _PARAMS, _UPDATE, _BLOB = "fedfm.params", "fedfm.update", "safetensors"
 _TASK, _RESULT, _METRICS, _IDENTITY = "fedfm.task", "fedfm.result", "fedfm.metrics", "fedfm.identity"
+_CLIENT_STATE = "fedfm.client-state"
+"""Key of the client's pipeline state (error-feedback residuals) in the node's persistent ``context.state``."""
 _STYPE = "fedfm/safetensors"
 
 
@@ -109,9 +113,28 @@ def identify_request() -> RecordDict:
     return RecordDict({_IDENTITY: ConfigRecord({})})
 
 
+def load_client_state(state: RecordDict) -> "Optional[dict[str, Any]]":
+    """The client's pipeline state kept in its node's persistent RecordDict, or None if it has none."""
+    if _CLIENT_STATE not in state.array_records:
+        return None
+    return wire.decode(_unblob(state.array_records[_CLIENT_STATE]))
+
+
+def store_client_state(state: RecordDict, tensors: "Optional[Mapping[str, Any]]") -> None:
+    """Keep (or, for None, drop) the client's pipeline state in its node's persistent RecordDict."""
+    if tensors:
+        state[_CLIENT_STATE] = _blob(wire.encode(tensors))
+    elif _CLIENT_STATE in state:
+        del state[_CLIENT_STATE]
+
+
 def run_config_of(context: Any) -> tuple[str, str]:
     """(experiment TOML text, run directory) from a Flower Context's run config."""
-    rc = context.run_config
+    import os
+
+    rc = dict(context.run_config)
+    if RUN_CONFIG not in rc and SIM_CONFIG_ENV in os.environ:  # Flower's run_simulation: empty run config
+        rc = {RUN_CONFIG: os.environ[SIM_CONFIG_ENV], RUN_OUT: ""}
     missing = [k for k in (RUN_CONFIG, RUN_OUT) if k not in rc]
     if missing:
         raise ValueError(f"the Flower run config lacks {missing}; write the app with `fedfm flower app CONFIG`")

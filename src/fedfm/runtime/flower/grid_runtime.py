@@ -60,11 +60,18 @@ class GridRuntime:
             messages.append(Message(content=content, dst_node_id=node, message_type=codec.TRAIN,
                                     group_id=str(task.round)))
             sent[node] = task.client_id
-        for reply in self.grid.send_and_receive(messages, timeout=self.round_timeout):
-            cid = sent.get(reply.metadata.src_node_id)
+        replies = list(self.grid.send_and_receive(messages, timeout=self.round_timeout))
+        # Pushing sets each message's id. An error reply (e.g. a dead node) comes from the SuperLink,
+        # not from the node, so replies are matched to tasks by the id they answer.
+        by_id = {m.metadata.message_id: m.metadata.dst_node_id for m in messages if m.metadata.message_id}
+        for reply in replies:
+            node = by_id.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+            cid = sent.get(node)
             if cid is None:
                 continue
             results[cid] = self._decode(cid, reply)
+            if reply.has_error():
+                self.nodes.pop(cid, None)  # look it up again next round (it may rejoin as a new node)
         for node, cid in sent.items():
             if cid not in results:
                 self.nodes.pop(cid, None)  # look it up again next round (it may rejoin as a new node)
