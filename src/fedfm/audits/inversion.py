@@ -186,10 +186,17 @@ def _classification_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Te
     return -(soft * torch.log_softmax(logits, dim=-1)).sum(-1).mean()
 
 
-def _optimise(variables: list[torch.Tensor], objective: Callable[[], tuple[torch.Tensor, torch.Tensor]],
-              iterations: int, step_size: float, after_step: Callable[[], None] = lambda: None) -> tuple[list[torch.Tensor], float]:
+Objective = Callable[[], "tuple[torch.Tensor, torch.Tensor]"]
+"""() -> (total loss to minimise, gradient distance to report)."""
+
+
+def _optimise(variables: list[torch.Tensor], objective: Objective, iterations: int, step_size: float,
+              after_step: Callable[[], None] = lambda: None) -> tuple[list[torch.Tensor], float]:
     """Adam on signed gradients with step decay at 3/8, 5/8 and 7/8 of the run (Geiping et al.);
-    returns the iterate with the lowest gradient distance (the attacker's own criterion) and it."""
+    returns the iterate with the lowest gradient distance (the attacker's own criterion) and it
+    (inf when every distance was NaN)."""
+    if iterations < 1 or step_size <= 0:
+        raise ValueError(f"need iterations >= 1 and step_size > 0, got {iterations} and {step_size}")
     opt = torch.optim.Adam(variables, lr=step_size)
     milestones = [int(iterations * f) for f in (3 / 8, 5 / 8, 7 / 8)]
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones, gamma=0.1)
@@ -203,7 +210,7 @@ def _optimise(variables: list[torch.Tensor], objective: Callable[[], tuple[torch
     return best, best_dist
 
 
-def _step(variables: list[torch.Tensor], objective: Callable[[], tuple[torch.Tensor, torch.Tensor]],
+def _step(variables: list[torch.Tensor], objective: Objective,
           opt: torch.optim.Optimizer, best: list[torch.Tensor], best_dist: float) -> tuple[list[torch.Tensor], float]:
     opt.zero_grad(set_to_none=True)
     total, dist = objective()
@@ -229,8 +236,9 @@ def _twice_differentiable_attention() -> Any:
 
 def reconstruct_images(forward: Callable[[torch.Tensor], torch.Tensor], params: Mapping[str, torch.nn.Parameter],
                        grads: NamedTensors, shape: Sequence[int], labels: Optional[torch.Tensor], *,
-                       iterations: int = 300, step_size: float = 0.1, tv_weight: float = 1e-4,
-                       data_range: tuple[float, float] = (-1.0, 1.0), seed: int = 0) -> tuple[torch.Tensor, float, torch.Tensor]:
+                       iterations: int = 300, step_size: float = 0.1, tv_weight: float = 1e-2,
+                       data_range: tuple[float, float] = (-1.0, 1.0),
+                       seed: int = 0) -> tuple[torch.Tensor, float, torch.Tensor]:
     """Images whose gradient matches ``grads`` (Geiping et al. 2020); the attack itself, which
     never sees the true images.
 
@@ -239,6 +247,9 @@ def reconstruct_images(forward: Callable[[torch.Tensor], torch.Tensor], params: 
         params: the parameters ``grads`` is the gradient of, by name.
         shape: (B, C, H, W) of the batch.
         labels: int64 (B,) labels, or None to learn soft labels jointly (DLG).
+        tv_weight: weight of the total-variation prior; 1e-2 suits vit-tiny on 28x28 images
+            (19.8 dB after 300 steps vs 15.1 dB at 1e-4), while an MLP, whose first layer pins
+            the input down, does best with almost none.
 
     Returns:
         (images, cosine distance of their gradient, labels used: hard, or argmax of the soft ones).
