@@ -235,8 +235,10 @@ class PrivacyConfig(_Section):
 
     central: DP-FedAvg (McMahan et al. 2018): clients clip to ``clip``, the server takes a uniform
     mean over the fixed denominator clients_per_round and adds Gaussian noise (the aggregator's
-    weighting does not apply). local: each client clips and adds noise before sending. Noise
-    always follows clipping: there is no way to configure one without the other.
+    weighting does not apply). local: each client clips and adds noise before sending. dpsgd:
+    sample-level DP inside each client (DP-SGD via Opacus: per-example gradients clipped to
+    ``clip``, noise z * clip per step). Noise always follows clipping: there is no way to
+    configure one without the other.
     """
 
     mechanism: Literal["none", "central", "local", "dpsgd"] = "none"
@@ -398,9 +400,14 @@ class ExperimentConfig(_Section):
     def _trust_pipeline_fits(self) -> "ExperimentConfig":
         """Privacy, secure aggregation and compression combinations, refused once here."""
         p, sa, agg = self.privacy, self.secagg, self.aggregator.name
-        if p.mechanism == "dpsgd":
-            raise ValueError("privacy.mechanism='dpsgd' is not built yet: use central or local")
         _check_noise(p)
+        if p.mechanism == "dpsgd":
+            if self.algorithm.name == "fedprox":
+                raise ValueError("privacy.mechanism='dpsgd' clips per-example gradients, but FedProx adds a "
+                                 "proximal term whose gradient is not per-example; use another algorithm")
+            if self.client.grad_clip is not None or p.adaptive_clip:
+                raise ValueError("privacy.mechanism='dpsgd' clips each example's gradient to privacy.clip; "
+                                 "drop client.grad_clip and privacy.adaptive_clip")
         if p.mechanism == "central" and agg != "mean":
             raise ValueError(f"privacy.mechanism='central' needs aggregator.name='mean' (got {agg!r}): its "
                              "fixed-denominator mean of clipped updates is what bounds one client's influence "

@@ -101,7 +101,7 @@ class Experiment:
         from fedfm.trainers.local import LocalTrainer
 
         data, handle, tokens, trainer = build_client_side(cfg)
-        pipeline = build_pipeline(cfg)
+        pipeline = build_pipeline(cfg, [len(idx) for idx in data.train])
         inprocess = InProcessRuntime(trainer, pipeline) if runtime is None else None
         plan = RoundPlan(algorithm=trainer.algorithm, aggregator=build_aggregator(cfg.aggregator),
                          runtime=runtime or inprocess, num_clients=cfg.federation.clients,  # type: ignore[arg-type]
@@ -159,7 +159,16 @@ def build_client_side(cfg: ExperimentConfig) -> "tuple[DataRoles, ModelHandle, A
     data = prepare_data(cfg)
     handle = build_model(cfg, data.pool.num_classes)
     tokens = encode_pool(cfg, data.pool, handle)
-    trainer = LocalTrainer(handle, tokens, dict(enumerate(data.train)), cfg.client, build_algorithm(cfg.algorithm))
+    clients, algorithm = dict(enumerate(data.train)), build_algorithm(cfg.algorithm)
+    if cfg.privacy.mechanism == "dpsgd":
+        from fedfm.pipeline import noise_multiplier
+        from fedfm.trainers.dpsgd import DPSGDTrainer
+
+        z = noise_multiplier(cfg, [len(idx) for idx in data.train])
+        trainer: LocalTrainer = DPSGDTrainer(handle, tokens, clients, cfg.client, algorithm,
+                                             noise_multiplier=z, max_grad_norm=cfg.privacy.clip)
+    else:
+        trainer = LocalTrainer(handle, tokens, clients, cfg.client, algorithm)
     return data, handle, tokens, trainer
 
 

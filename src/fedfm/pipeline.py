@@ -54,7 +54,8 @@ import numpy as np
 import torch
 
 from fedfm.compression import Compressor, Identity, build_compressor, check_payload
-from fedfm.privacy import Accountant, AdaptiveClip, CentralGaussian, ClipState, LocalGaussian, add_noise, clip
+from fedfm.privacy import (Accountant, AdaptiveClip, CentralGaussian, ClipState, LocalGaussian, add_noise, clip,
+                           round_event)
 from fedfm.tensors import all_finite
 from fedfm.types import ClientResult, ClientTask, ModelUpdate, NamedTensors
 
@@ -164,7 +165,7 @@ class UpdatePipeline:
 
     def client_payload(self, extra: Mapping[str, Any]) -> dict[str, float]:
         """What every task of the round carries for the pipeline: the clip norm, if clients clip."""
-        if self.mechanism == "none":
+        if self.mechanism in ("none", "dpsgd"):  # DP-SGD clips per example inside the trainer
             return {}
         state = self.clip_state(extra)
         return {CLIP_KEY: state.clip if isinstance(state, AdaptiveClip) else float(state)}
@@ -216,7 +217,8 @@ class UpdatePipeline:
             return self._central(accepted, extra, rnd)
         return Aggregate(aggregator.aggregate([r.update for r in accepted if r.update is not None]), dict(extra))
 
-    def account(self, extra: Mapping[str, Any], cohort: Sequence[int]) -> tuple[dict[str, Any], Optional[float]]:
+    def account(self, extra: Mapping[str, Any], cohort: Sequence[int],
+                results: Sequence[ClientResult] = ()) -> tuple[dict[str, Any], Optional[float]]:
         """Charge one federated round over ``cohort``: (new extra, epsilon so far), epsilon None
         without a mechanism. Central: every round is one Poisson-sampled Gaussian (a round in
         which no update arrived is charged too, conservatively). Local: each client sampled is
@@ -231,9 +233,30 @@ class UpdatePipeline:
                 counts[c] += 1
             new["participation"] = counts
             count, event = max(counts), LocalGaussian(self.clip, self.noise_multiplier).event()
+        elif self.mechanism == "dpsgd":
+            return self._account_dpsgd(new, results)
         else:
             return new, None
         return new, Accountant(self.accountant).compose(event, count).epsilon(self.delta)  # type: ignore[arg-type]
+
+    def _account_dpsgd(self, extra: dict[str, Any], results: Sequence[ClientResult]) -> tuple[dict[str, Any], float]:
+        """DP-SGD: each local step of client i is a Poisson-sampled Gaussian at its rate q_i (batch
+        over its examples); a client's epsilon composes all the steps it has taken (sample-level
+        DP of that client's data). Reported: the worst client's epsilon so far."""
+        steps = {str(k): int(v) for k, v in extra.get("dpsgd_steps", {}).items()}
+        rates = {str(k): float(v) for k, v in extra.get("dpsgd_rate", {}).items()}
+        eps = {str(k): float(v) for k, v in extra.get("dpsgd_epsilon", {}).items()}
+        for r in results:
+            taken = int(r.metrics.get("steps", 0)) if r.payload is not None or r.update is not None else 0
+            if taken == 0 or "dp_sample_rate" not in r.metrics:
+                continue
+            key = str(r.client_id)
+            steps[key] = steps.get(key, 0) + taken
+            rates[key] = float(r.metrics["dp_sample_rate"])
+            event = round_event(self.noise_multiplier, rates[key])
+            eps[key] = Accountant(self.accountant).compose(event, steps[key]).epsilon(self.delta)  # type: ignore[arg-type]
+        extra.update(dpsgd_steps=steps, dpsgd_rate=rates, dpsgd_epsilon=eps)
+        return extra, max(eps.values(), default=0.0)
 
     def _central(self, accepted: Sequence[ClientResult], extra: Mapping[str, Any], rnd: int) -> Aggregate:
         state, new = self.clip_state(extra), dict(extra)
@@ -330,7 +353,7 @@ def _degree(k: int, n: int) -> int:
 # ---------------------------------------------------------------------- building from config
 
 
-def build_pipeline(cfg: "ExperimentConfig") -> UpdatePipeline:
+def build_pipeline(cfg: "ExperimentConfig", client_sizes: Optional[Sequence[int]] = None) -> UpdatePipeline:
     """The pipeline of ``cfg`` (its combinations were checked when the config loaded).
 
     Raises:
@@ -339,7 +362,7 @@ def build_pipeline(cfg: "ExperimentConfig") -> UpdatePipeline:
     from fedfm.secagg import SecAggConfig
 
     p, sa, c, fed = cfg.privacy, cfg.secagg, cfg.compression, cfg.federation
-    z = noise_multiplier(cfg)
+    z = noise_multiplier(cfg, client_sizes)
     secagg = None
     if sa.enabled:
         secagg = SecAggConfig(bits=sa.bits, clip_range=sa.clip_range, max_dropout=sa.max_dropout,
@@ -358,8 +381,11 @@ def planned_rounds(cfg: "ExperimentConfig") -> int:
     return min(cfg.federation.rounds, budget) if budget is not None else cfg.federation.rounds
 
 
-def noise_multiplier(cfg: "ExperimentConfig") -> float:
-    """z as configured, or calibrated once so the planned rounds end within privacy.target_epsilon."""
+def noise_multiplier(cfg: "ExperimentConfig", client_sizes: Optional[Sequence[int]] = None) -> float:
+    """z as configured, or calibrated once so the planned rounds end within privacy.target_epsilon.
+
+    DP-SGD calibrates from the clients' sizes (``client_sizes``, needed then): the worst case is the
+    smallest client (the largest sampling rate) taking part in every planned round."""
     from fedfm.privacy import calibrate_noise
 
     p, fed = cfg.privacy, cfg.federation
@@ -369,6 +395,17 @@ def noise_multiplier(cfg: "ExperimentConfig") -> float:
         return p.noise_multiplier
     assert p.target_epsilon is not None
     rounds = planned_rounds(cfg)
+    if p.mechanism == "dpsgd":
+        sizes = [n for n in (client_sizes or []) if n > 0]
+        if not sizes:
+            raise ValueError("calibrating DP-SGD's noise needs the clients' partition sizes")
+        n, b, c = min(sizes), cfg.client.batch_size, cfg.client
+        per_round = c.epochs * -(-n // b)
+        steps = rounds * (min(per_round, c.max_steps) if c.max_steps is not None else per_round)
+        z = calibrate_noise(p.target_epsilon, p.delta, steps, min(1.0, b / n), p.accountant)
+        log.info("privacy: DP-SGD noise_multiplier z=%.6g meets target_epsilon=%g at delta=%g over %d steps "
+                 "of the smallest client (%d examples)", z, p.target_epsilon, p.delta, steps, n)
+        return z
     if p.mechanism == "central":
         z = calibrate_noise(p.target_epsilon, p.delta, rounds, fed.clients_per_round / fed.clients, p.accountant)
     else:

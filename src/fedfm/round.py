@@ -57,7 +57,7 @@ def run_round(
         if agg.delta is not None:
             params, opt_state = plan.algorithm.server_update(state.params, state.opt_state, agg.delta)
     # 7. charge the round's privacy cost
-    extra, epsilon = plan.pipeline.account(extra, cohort)
+    extra, epsilon = plan.pipeline.account(extra, cohort, received)
     report = RoundReport(
         round=rnd, clients=tuple(cohort), train_loss=_weighted_loss(accepted),
         bytes_up=sum(r.bytes_up for r in results), bytes_down=sum(r.bytes_down for r in results),

@@ -98,12 +98,19 @@ def test_killed_node_does_not_stall_the_round_and_rejoins(tmp_path, tiny_cfg, cl
             time.sleep(0.5)
         time.sleep(2.0)  # round 2's messages are out
         psutil.Process(cluster.nodes[victim]).send_signal(signal.SIGKILL)
-        # the SuperLink refuses a SIGKILLed key until it marks the node offline (~60 s): retry
+        # the SuperLink refuses a SIGKILLed node's key until it marks the node offline (~60 s)
+        while deploy.online_nodes(cluster) >= NODES:
+            time.sleep(2.0)
         for _ in range(30):
             proc = cluster.start_node(int(victim), NODES, cluster_key(cluster, victim), max_wait_s=10)
-            time.sleep(12)
+            for _ in range(40):
+                time.sleep(1.0)
+                if proc.poll() is not None:
+                    break  # refused (2004) while the SuperLink still thinks the old node is online: retry
+                if deploy.online_nodes(cluster) >= NODES:
+                    return
             if proc.poll() is None:
-                return
+                proc.kill()
         raise AssertionError("the killed SuperNode never rejoined")
 
     killer = threading.Thread(target=kill_during_round_2, daemon=True)

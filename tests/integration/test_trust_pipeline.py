@@ -96,6 +96,34 @@ def test_local_dp_reports_the_worst_clients_epsilon(tmp_path, tiny_cfg):
 # ------------------------------------------------------------------------------------- secure aggregation
 
 
+def test_dpsgd_reports_the_worst_clients_sample_level_epsilon(tmp_path, tiny_cfg):
+    cfg = tiny_cfg('privacy.mechanism="dpsgd"', "privacy.clip=1.0", "privacy.noise_multiplier=1.1",
+                   'adapter.method="lora"')
+    run(cfg, tmp_path / "run")
+    lines = _lines(tmp_path / "run")[1:]
+    exp_sizes = {c: len(idx) for c, idx in enumerate(Experiment.build(cfg).data.train)}
+    steps: dict[int, int] = {}
+    from fedfm.round import sample_cohort
+
+    for line in lines:
+        for c in sample_cohort(cfg.seed, line["round"], cfg.federation.clients, cfg.federation.clients_per_round):
+            steps[c] = steps.get(c, 0) + cfg.client.max_steps
+        worst = 0.0
+        for c, k in steps.items():  # recomputed with dp_accounting directly
+            q = min(1.0, cfg.client.batch_size / exp_sizes[c])
+            acc = dp.rdp.RdpAccountant()
+            acc.compose(dp.PoissonSampledDpEvent(q, dp.GaussianDpEvent(1.1)), k)
+            worst = max(worst, acc.get_epsilon(cfg.privacy.delta))
+        assert line["epsilon"] == pytest.approx(worst, rel=1e-9)
+
+
+def test_dpsgd_target_epsilon_is_met_by_the_smallest_client(tmp_path, tiny_cfg):
+    cfg = tiny_cfg('privacy.mechanism="dpsgd"', "privacy.target_epsilon=8.0", 'adapter.method="lora"',
+                   "federation.rounds=1")
+    run(cfg, tmp_path / "run")
+    assert 0 < _lines(tmp_path / "run")[-1]["epsilon"] <= 8.0
+
+
 def test_secagg_run_equals_the_plain_mean_run(tmp_path, tiny_cfg):
     common = ("federation.rounds=1", "federation.clients_per_round=4", 'adapter.method="lora"',
               'partition.method="dirichlet"', "partition.alpha=0.5")  # unequal client sizes: the weights matter

@@ -356,9 +356,11 @@ def _refused(*overrides: str) -> str:
     return str(e.value)
 
 
-def test_rule_dpsgd_is_not_built_yet():
-    msg = _refused('privacy.mechanism="dpsgd"', "privacy.noise_multiplier=1")
-    assert "not built yet: use central or local" in msg
+def test_rule_dpsgd_refuses_fedprox_and_a_second_clip():
+    msg = _refused('privacy.mechanism="dpsgd"', "privacy.noise_multiplier=1", 'algorithm.name="fedprox"')
+    assert "FedProx" in msg and "per-example" in msg
+    msg = _refused('privacy.mechanism="dpsgd"', "privacy.noise_multiplier=1", "client.grad_clip=1.0")
+    assert "client.grad_clip" in msg
 
 
 @pytest.mark.parametrize("given", [(), ("privacy.noise_multiplier=1", "privacy.target_epsilon=3")])
