@@ -258,6 +258,21 @@ class PrivacyConfig(_Section):
     accountant: Literal["rdp", "pld"] = "rdp"
 
 
+class AttackConfig(_Section):
+    """Simulated adversaries (fedfm.attacks): a fixed, seeded fraction of clients is malicious.
+    Fields mirror fedfm.attacks.AttackSpec, which checks them; None = the attack's own default."""
+
+    name: Literal["none", "sign-flip", "scale", "noise", "label-flip", "backdoor", "model-replacement"] = "none"
+    fraction: float = Field(0.0, ge=0, le=1)
+    scale: Optional[float] = Field(None, gt=0)
+    noise_std: float = Field(1.0, gt=0)
+    boost: Optional[float] = Field(None, gt=0)
+    target_label: Optional[int] = Field(None, ge=0)
+    trigger: str = "cf mn bb"
+    patch: int = Field(3, ge=1)
+    poison_fraction: Optional[float] = Field(None, gt=0, le=1)
+
+
 class SecureAggConfig(_Section):
     """Secure aggregation (SecAgg, Bonawitz et al. 2017; SecAgg+ with ``neighbours``, Bell et al. 2020):
     the server learns only the (weighted) sum of the cohort's updates."""
@@ -337,6 +352,7 @@ class ExperimentConfig(_Section):
     client: ClientConfig = ClientConfig()
     algorithm: AlgorithmConfig = AlgorithmConfig()
     aggregator: AggregatorConfig = AggregatorConfig()
+    attack: AttackConfig = AttackConfig()
     eval: EvalConfig = EvalConfig()
     runtime: RuntimeConfig = RuntimeConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()

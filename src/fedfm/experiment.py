@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any, Optional
 import numpy as np
 
 from fedfm.config import ExperimentConfig
+from fedfm.errors import ConfigError
 
 if TYPE_CHECKING:
     import torch
@@ -90,6 +91,8 @@ class Experiment:
     central: Optional[LocalTrainer]  # the server's trainer on public data, if any
     client_states: Optional[dict[int, dict[str, torch.Tensor]]] = None
     """The in-process runtime's per-client pipeline state (checkpointed); None with an outside runtime."""
+    attack: Any = None
+    """The simulated attack (fedfm.attacks.Attack), if the config has one."""
 
     @classmethod
     def build(cls, cfg: ExperimentConfig, runtime: Optional["Runtime"] = None) -> "Experiment":
@@ -110,7 +113,8 @@ class Experiment:
         if data.public is not None:
             central = LocalTrainer(handle, tokens, {SERVER: data.public}, central_config(cfg), _NoRegularizer())
         return cls(cfg=cfg, handle=handle, tokens=tokens, data=data, plan=plan, central=central,
-                   client_states=inprocess.client_states if inprocess is not None else None)
+                   client_states=inprocess.client_states if inprocess is not None else None,
+                   attack=trainer.attack)
 
     def initial_state(self) -> ServerState:
         from fedfm.types import ServerState
@@ -145,6 +149,13 @@ class Experiment:
             finite = [a for a in per if a == a]
             out["client_accuracy_mean"] = float(np.mean(finite)) if finite else float("nan")
             out["client_accuracy_min"] = float(np.min(finite)) if finite else float("nan")
+        if self.attack is not None and getattr(self.attack, "data", None) is not None \
+                and hasattr(self.attack.data, "triggered"):
+            from fedfm.attacks.data import backdoor_success_rate
+
+            # share of triggered test examples (true label != target) classified as the target
+            out["backdoor_success"] = backdoor_success_rate(self.handle, self.tokens, self.data.test,
+                                                            self.attack.data, batch_size=bs)
         return out
 
 
@@ -160,15 +171,27 @@ def build_client_side(cfg: ExperimentConfig) -> "tuple[DataRoles, ModelHandle, A
     handle = build_model(cfg, data.pool.num_classes)
     tokens = encode_pool(cfg, data.pool, handle)
     clients, algorithm = dict(enumerate(data.train)), build_algorithm(cfg.algorithm)
+    attack, pool = None, tokens
+    if cfg.attack.name != "none":  # simulation only: the runtime never imports fedfm.attacks
+        from fedfm.attacks import AttackSpec, build_attack
+
+        try:
+            spec = AttackSpec(**cfg.attack.model_dump())
+            attack = build_attack(spec, num_clients=cfg.federation.clients,
+                                  clients_per_round=cfg.federation.clients_per_round,
+                                  num_classes=data.pool.num_classes, seed=cfg.seed, tokenizer=handle.tokenizer)
+            pool = attack.wrap(tokens, clients)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     if cfg.privacy.mechanism == "dpsgd":
         from fedfm.pipeline import noise_multiplier
         from fedfm.trainers.dpsgd import DPSGDTrainer
 
         z = noise_multiplier(cfg, [len(idx) for idx in data.train])
-        trainer: LocalTrainer = DPSGDTrainer(handle, tokens, clients, cfg.client, algorithm,
+        trainer: LocalTrainer = DPSGDTrainer(handle, pool, clients, cfg.client, algorithm, attack,
                                              noise_multiplier=z, max_grad_norm=cfg.privacy.clip)
     else:
-        trainer = LocalTrainer(handle, tokens, clients, cfg.client, algorithm)
+        trainer = LocalTrainer(handle, pool, clients, cfg.client, algorithm, attack)
     return data, handle, tokens, trainer
 
 

@@ -31,6 +31,9 @@ class LocalTrainer:
     client_indices: Mapping[int, np.ndarray]
     cfg: ClientConfig
     algorithm: Algorithm
+    attack: Any = None
+    """A simulated attack (fedfm.attacks.Attack) rewriting malicious clients' updates, or None.
+    Applied here, before the update pipeline clips, noises and compresses it."""
 
     def train_many(self, tasks: Sequence[ClientTask]) -> list[tuple[dict[str, torch.Tensor], dict[str, float]]]:
         return [self.train(t) for t in tasks]
@@ -62,7 +65,14 @@ class LocalTrainer:
         n = len(self.client_indices[task.client_id])
         metrics = {"train_loss": float(np.mean(losses)) if losses else float("nan"),
                    "steps": float(len(losses)), "num_examples": float(n), "examples_seen": float(seen)}
-        return self.handle.get_params(), metrics
+        trained = self.handle.get_params()
+        if self.attack is not None and task.client_id in self.attack.malicious:
+            from fedfm.tensors import sub
+
+            gen = torch.Generator().manual_seed(task.seed ^ 0xA77AC)
+            delta = self.attack.apply_update(task.client_id, sub(trained, task.params), gen)
+            trained = {k: task.params[k] + delta[k].to(task.params[k].dtype) for k in task.params}
+        return trained, metrics
 
     def _prepare(self, task: ClientTask, params: list[torch.nn.Parameter]) -> tuple[Any, Any, Any]:
         """(the module to call, the optimizer, a cleanup to run after the loop); subclasses such
