@@ -134,3 +134,30 @@ def test_codec_roundtrip_keeps_bytes_and_payload():
     up = wire.encode({"a.weight": torch.ones(3, 4)})
     wr = codec.decode_result(codec.encode_result(2, up, {"train_loss": 0.5, "num_examples": 7}, nbytes))
     assert wr.up == up and wr.metrics == {"train_loss": 0.5, "num_examples": 7.0} and wr.bytes_down == nbytes
+
+
+def test_restarted_serverapp_resumes_from_its_checkpoint(tmp_path, tiny_cfg):
+    """A ServerApp killed after round 1 and started again continues to the same model."""
+    from fedfm.runner import Callbacks
+    from fedfm.runtime.flower.server_app import serve
+
+    cfg = tiny_cfg("federation.rounds=3", 'adapter.method="lora"', "adapter.dropout=0.1")
+    run(cfg, tmp_path / "whole")
+    out = tmp_path / "flower"
+    grid = _grid(cfg, out)
+    ctx = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=grid.run_config)
+
+    class Crash(Exception):
+        pass
+
+    def crash_after_round_1(line):
+        if line["round"] == 1:
+            raise Crash
+
+    with pytest.raises(Crash):
+        serve(grid, ctx, Callbacks(on_round_end=crash_after_round_1))
+    assert load_state(out / "checkpoints")[0].round == 1
+    serve(grid, ctx)  # the restarted ServerApp finds the run directory and resumes
+    a, _ = load_state(tmp_path / "whole" / "checkpoints")
+    b, _ = load_state(out / "checkpoints")
+    assert a.round == b.round == 3 and all(torch.equal(a.params[k], b.params[k]) for k in a.params)

@@ -20,6 +20,11 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    serve(grid, context)
+
+
+def serve(grid: Grid, context: Context, callbacks: "object | None" = None) -> None:
+    """Run, or resume from its last checkpoint, the experiment in ``context``'s run config."""
     from fedfm import runner
     from fedfm.config import loads_config
     from fedfm.runtime.flower.grid_runtime import GridRuntime
@@ -31,6 +36,6 @@ def main(grid: Grid, context: Context) -> None:
                           min_clients=rt.min_clients or cfg.federation.clients_per_round)
     path = Path(out)
     if (path / "config.toml").is_file():
-        runner.resume(path, runtime=runtime)
+        runner.resume(path, callbacks, runtime=runtime)  # type: ignore[arg-type]
     else:
-        runner.run(cfg, path, runtime=runtime)
+        runner.run(cfg, path, callbacks, runtime=runtime)  # type: ignore[arg-type]
