@@ -196,6 +196,24 @@ def data_show(
     console.print(table)
 
 
+@app.command("audit")
+def audit_cmd(
+    run_dir: Path = typer.Argument(..., help="A finished run directory."),
+    client: int = typer.Option(0, "--client", help="The client whose next update the server inverts."),
+    batch_size: int = typer.Option(1, "--batch-size", min=1, help="Examples in that client's step."),
+    iterations: int = typer.Option(300, "--iterations", min=1, help="Optimisation steps of the inversion."),
+    members: int = typer.Option(400, "--members", min=10, help="Members and non-members sampled for membership inference."),
+) -> None:
+    """Measure what a run leaks: membership inference on the final model, and gradient inversion of
+    a client's update as the server sees it under the run's defenses. Writes RUN_DIR/audit.json."""
+    from fedfm.audits.run import audit_run, format_report
+
+    with console.status("auditing"):
+        report = audit_run(run_dir, client=client, batch_size=batch_size, iterations=iterations, members=members)
+    console.print(format_report(report), highlight=False)
+    console.print(f"written to {run_dir / 'audit.json'}")
+
+
 DEFAULT_CLUSTER = Path("runs") / "flower-cluster"
 
 
