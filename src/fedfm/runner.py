@@ -200,5 +200,7 @@ def summarize(lines: list[dict[str, Any]]) -> dict[str, Any]:
         "bytes_up": sum(r.get("bytes_up", 0) for r in rounds),
         "bytes_down": sum(r.get("bytes_down", 0) for r in rounds),
         "rejected_updates": sum(len(r.get("rejected", [])) for r in rounds),
+        "backdoor_success": last.get("backdoor_success"),
+        "epsilon": max((r["epsilon"] for r in rounds if r.get("epsilon") is not None), default=None),
         "wall_s": rounds[-1]["elapsed_s"] if rounds else 0.0,
     }

@@ -12,6 +12,9 @@ from fedfm.config import ExperimentConfig, load_config, parse_override
 from fedfm.errors import ConfigError
 
 
+COLUMNS = ("accuracy", "f1", "perplexity", "loss", "backdoor_success", "epsilon", "MB", "wall_s")
+
+
 def parse_grid(items: Sequence[str]) -> list[tuple[str, list[Any]]]:
     """``key=v1,v2,...`` items -> [(key, [values])]; values are TOML literals (strings may be bare).
     A list value is written in brackets: ``adapter.targets=[\"query\"],[\"value\"]`` is not split inside brackets."""
@@ -68,7 +71,7 @@ def run_sweep(
     for combo in combos(grid):
         sums = [json.loads((out / _slug(combo) / f"seed{s}" / "summary.json").read_text()) for s in seeds]
         row: dict[str, Any] = dict(combo)
-        for key in ("accuracy", "f1", "perplexity", "loss", "MB", "wall_s"):
+        for key in COLUMNS:
             vals = [(s["bytes_up"] + s["bytes_down"]) / 1e6 for s in sums] if key == "MB" else \
                 [s[key] for s in sums if s.get(key) is not None]
             row.update(_mean_std(key, vals))
@@ -81,7 +84,8 @@ def run_sweep(
 def _write(rows: list[dict[str, Any]], keys: list[str], out: Path) -> None:
     import csv
 
-    cols = ("accuracy", "f1", "perplexity", "loss", "MB", "wall_s")
+    # metric columns no run has (perplexity of a classifier, epsilon without DP) are left out
+    cols = [c for c in COLUMNS if any(r.get(f"{c}_mean") is not None for r in rows)]
     header = keys + ["stages"] + [f"{c} (mean +/- std)" for c in cols]
     md = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
