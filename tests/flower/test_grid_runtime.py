@@ -161,3 +161,28 @@ def test_restarted_serverapp_resumes_from_its_checkpoint(tmp_path, tiny_cfg):
     a, _ = load_state(tmp_path / "whole" / "checkpoints")
     b, _ = load_state(out / "checkpoints")
     assert a.round == b.round == 3 and all(torch.equal(a.params[k], b.params[k]) for k in a.params)
+
+
+def test_app_written_by_another_fedfm_version_is_refused_clearly(tmp_path, tiny_cfg):
+    from flwr.app import Message
+
+    from fedfm.runtime.flower.server_app import serve
+    from fedfm.types import ClientTask
+
+    cfg = tiny_cfg()
+    grid = _grid(cfg, tmp_path / "run")
+    grid.run_config[codec.RUN_VERSION] = "0.0.1"
+    ctx = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=grid.run_config)
+    with pytest.raises(FedfmError, match="written by fedfm 0.0.1, but this machine runs fedfm"):
+        serve(grid, ctx)
+    task = ClientTask(round=1, client_id=0, params={"w": torch.zeros(2)}, seed=1)
+    reply, = grid.send_and_receive([Message(codec.encode_task(task), dst_node_id=100, message_type=codec.TRAIN)])
+    assert "written by fedfm 0.0.1" in codec.decode_result(reply.content).error
+
+
+def test_importing_fedfm_does_not_import_flower():
+    import subprocess
+    import sys
+
+    code = "import fedfm, fedfm.runner, fedfm.experiment, sys; assert 'flwr' not in sys.modules, 'flwr imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -30,6 +30,8 @@ RUN_CONFIG = "fedfm-config"
 """Run-config key holding the experiment's TOML text."""
 RUN_OUT = "fedfm-out"
 """Run-config key holding the run directory the ServerApp writes to."""
+RUN_VERSION = "fedfm-version"
+"""Run-config key holding the version of fedfm that wrote the app (checked where it runs)."""
 SIM_CONFIG_ENV = "FEDFM_FLOWER_CONFIG"
 """Environment variable with the experiment TOML for simulated ClientApps (see launch.py)."""
 
@@ -138,7 +140,20 @@ def run_config_of(context: Any) -> tuple[str, str]:
     missing = [k for k in (RUN_CONFIG, RUN_OUT) if k not in rc]
     if missing:
         raise ValueError(f"the Flower run config lacks {missing}; write the app with `fedfm flower app CONFIG`")
+    check_version(rc)
     return str(rc[RUN_CONFIG]), str(rc[RUN_OUT])
+
+
+def check_version(run_config: Any) -> None:
+    """The app's components are fedfm's own modules, so the fedfm that wrote the app must be the
+    fedfm that runs it (on the SuperLink and on every SuperNode): refuse a mismatch clearly."""
+    from fedfm import __version__
+    from fedfm.errors import FedfmError
+
+    wrote = run_config.get(RUN_VERSION)
+    if wrote is not None and str(wrote) != __version__:
+        raise FedfmError(f"this Flower app was written by fedfm {wrote}, but this machine runs fedfm {__version__}; "
+                         f"install fedfm=={wrote} here or rewrite the app with `fedfm flower app`")
 
 
 def partition_of(context: Any) -> int:

@@ -64,6 +64,7 @@ def write_app(config_text: str, run_dir: Path, app_dir: Path, name: str = "fedfm
     """Write a runnable Flower app for one experiment into ``app_dir``; returns it."""
     import tomli_w
 
+    from fedfm import __version__
     from fedfm.runtime.flower import codec
 
     app_dir.mkdir(parents=True, exist_ok=True)
@@ -75,7 +76,8 @@ def write_app(config_text: str, run_dir: Path, app_dir: Path, name: str = "fedfm
             "publisher": "fedfm",
             "components": {"serverapp": "fedfm.runtime.flower.server_app:app",
                            "clientapp": "fedfm.runtime.flower.client_app:app"},
-            "config": {codec.RUN_CONFIG: config_text, codec.RUN_OUT: str(run_dir.resolve())},
+            "config": {codec.RUN_CONFIG: config_text, codec.RUN_OUT: str(run_dir.resolve()),
+                       codec.RUN_VERSION: __version__},
         }}},
     }
     (app_dir / "pyproject.toml").write_text(tomli_w.dumps(pyproject), encoding="utf-8")
