@@ -46,6 +46,9 @@ def flower_env(home: Path) -> dict[str, str]:
     """Environment for every Flower process fedfm starts: its own FLWR_HOME, no telemetry, no
     update check, no per-run ``uv sync`` (apps use the current environment)."""
     env = dict(os.environ)
+    # Flower's processes start their helpers (flower-superexec, flwr-serverapp, flwr-clientapp) by
+    # name: put this environment's scripts first on PATH, also when it is not activated.
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env.update(FLWR_HOME=str(home), FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1",
                FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1", RAY_USAGE_STATS_ENABLED="0",
                HF_HUB_OFFLINE=os.environ.get("HF_HUB_OFFLINE", "1"))
