@@ -168,6 +168,9 @@ class AggregatorConfig(_Section):
     """multi-krum: updates averaged (default n - f)."""
     max_norm: float = Field(1.0, gt=0)
     """norm-bound: updates with a larger L2 norm are scaled down to it before the mean."""
+    reject_norm: Optional[float] = Field(1e6, gt=0)
+    """Any rule: updates with a larger L2 norm are rejected as malformed, with the reason logged
+    (a sanity bound against broken clients, not a defense; None = no bound)."""
 
 
 class EvalConfig(_Section):

@@ -108,7 +108,8 @@ class Experiment:
         inprocess = InProcessRuntime(trainer, pipeline) if runtime is None else None
         plan = RoundPlan(algorithm=trainer.algorithm, aggregator=build_aggregator(cfg.aggregator),
                          runtime=runtime or inprocess, num_clients=cfg.federation.clients,  # type: ignore[arg-type]
-                         clients_per_round=cfg.federation.clients_per_round, seed=cfg.seed, pipeline=pipeline)
+                         clients_per_round=cfg.federation.clients_per_round, seed=cfg.seed, pipeline=pipeline,
+                         max_update_norm=cfg.aggregator.reject_norm)
         central = None
         if data.public is not None:
             central = LocalTrainer(handle, tokens, {SERVER: data.public}, central_config(cfg), _NoRegularizer())

@@ -30,6 +30,8 @@ class RoundPlan:
     clients_per_round: int
     seed: int
     pipeline: UpdatePipeline = field(default_factory=UpdatePipeline)
+    max_update_norm: Optional[float] = 1e6
+    """Updates with a larger L2 norm are rejected as malformed (a sanity bound, not robustness)."""
 
 
 def run_round(
@@ -46,7 +48,7 @@ def run_round(
     results = plan.runtime.run(tasks, on_result)
     # 4. decode payloads; reject malformed ones (bad payload, NaN/Inf, wrong names or shapes)
     received = [plan.pipeline.receive(r, state.params) for r in results]
-    accepted, rejected = screen(received, state.params)
+    accepted, rejected = screen(received, state.params, plan.max_update_norm)
     for r in rejected:
         log.warning("round %d: update of client %d rejected: %s", rnd, r["client"], r["reason"])
     # 5. aggregate (secure sum, central noise or the aggregator) and 6. the algorithm's server step
@@ -85,10 +87,11 @@ def client_seed(seed: int, rnd: int, client: int) -> int:
     return int(np.random.default_rng([seed, rnd, client, 0x5EED]).integers(2**31 - 1))
 
 
-def screen(results: Sequence[ClientResult], params: NamedTensors) -> tuple[list[ClientResult], list[dict]]:
+def screen(results: Sequence[ClientResult], params: NamedTensors,
+           max_norm: Optional[float] = None) -> tuple[list[ClientResult], list[dict]]:
     accepted, rejected = [], []
     for r in results:
-        reason = r.error if r.update is None else check_update(r.update, params)
+        reason = r.error if r.update is None else check_update(r.update, params, max_norm)
         if reason is None:
             accepted.append(r)
         else:
@@ -96,7 +99,7 @@ def screen(results: Sequence[ClientResult], params: NamedTensors) -> tuple[list[
     return accepted, rejected
 
 
-def check_update(update: ModelUpdate, params: NamedTensors) -> Optional[str]:
+def check_update(update: ModelUpdate, params: NamedTensors, max_norm: Optional[float] = None) -> Optional[str]:
     """Why ``update`` cannot be aggregated against ``params``, or None if it can."""
     if list(update.delta) != list(params):
         missing = sorted(set(params) - set(update.delta))[:3]
@@ -105,8 +108,15 @@ def check_update(update: ModelUpdate, params: NamedTensors) -> Optional[str]:
     for k, v in update.delta.items():
         if tuple(v.shape) != tuple(params[k].shape):
             return f"shape of {k} is {tuple(v.shape)}, expected {tuple(params[k].shape)}"
+    for k, v in update.delta.items():
+        if v.dtype != params[k].dtype:
+            return f"dtype of {k} is {v.dtype}, expected {params[k].dtype}"
     if not all_finite(update.delta):
         return "update contains NaN or Inf"
+    if max_norm is not None:
+        norm = float(sum(float(v.double().pow(2).sum()) for v in update.delta.values())) ** 0.5
+        if norm > max_norm:
+            return f"update norm {norm:.3g} exceeds the sanity bound {max_norm:g} (aggregator.reject_norm)"
     if not (update.weight > 0 and np.isfinite(update.weight)):
         return f"weight {update.weight} is not a positive finite number"
     return None

@@ -15,10 +15,11 @@ from fedfm.tensors import weighted_sum
 
 
 class Corrupting:
-    """Replaces the first client's update with NaNs and the second's with a wrong shape."""
+    """Replaces the first client's update with NaNs and the second's with a wrong shape; with
+    ``more``, also the third's with a wrong dtype and the fourth's with norm ~1e9."""
 
-    def __init__(self, inner):
-        self.inner = inner
+    def __init__(self, inner, more=False):
+        self.inner, self.more = inner, more
 
     def run(self, tasks, on_result=None):
         out = self.inner.run(tasks, on_result)
@@ -27,6 +28,11 @@ class Corrupting:
         bad_shape = dict(out[1].payload, **{first: torch.zeros(3, 3, 3)})
         out[0] = dataclasses.replace(out[0], payload=bad_nan)
         out[1] = dataclasses.replace(out[1], payload=bad_shape)
+        if self.more:
+            out[2] = dataclasses.replace(out[2], payload={k: v.double() for k, v in out[2].payload.items()})
+            huge = {k: torch.full_like(v, 1e9 / max(1, sum(x.numel() for x in out[3].payload.values())) ** 0.5)
+                    for k, v in out[3].payload.items()}
+            out[3] = dataclasses.replace(out[3], payload=huge)
         return out
 
 
@@ -62,3 +68,13 @@ def test_all_rejected_keeps_params(tiny_cfg):
     new, report = run_round(state, plan)
     assert len(report.rejected) == 2 and new.round == 1
     assert all(torch.equal(new.params[k], state.params[k]) for k in state.params)
+
+
+def test_wrong_dtype_and_huge_norm_are_rejected_with_reasons(tiny_cfg):
+    exp = Experiment.build(tiny_cfg("federation.clients_per_round=4", 'adapter.method="lora"'))
+    plan = dataclasses.replace(exp.plan, runtime=Corrupting(exp.plan.runtime, more=True))
+    _, report = run_round(exp.initial_state(), plan)
+    reasons = [r["reason"] for r in sorted(report.rejected, key=lambda r: r["client"])]
+    assert len(reasons) == 4
+    assert any("float64" in r and "expected" in r and "float32" in r for r in reasons)
+    assert any("norm 1e+09 exceeds the sanity bound" in r for r in reasons)
