@@ -66,7 +66,9 @@ def _simulate(cfg: ExperimentConfig, out: Path, callbacks: Optional[Any]) -> dic
 
     os.environ[CONFIG_ENV] = to_toml(cfg)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    cpus = os.cpu_count() or 1
+    # one Ray actor per CPU, but never more than a round can use: each built actor holds its own
+    # copy of the model and libraries (~1.1 GB for MiniLM-L6)
+    cpus = max(1, min(os.cpu_count() or 1, cfg.federation.clients_per_round))
     backend = {"client_resources": {"num_cpus": 1},
                "init_args": {"num_cpus": cpus, "include_dashboard": False, "log_to_driver": False}}
     try:
