@@ -38,3 +38,14 @@ def rt_cache() -> Path:
     from fedfm.data.sources import BUNDLED
 
     return BUNDLED.get("rotten-tomatoes").fetch()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module of tiny-tensor tests (threads only add contention), restored after."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

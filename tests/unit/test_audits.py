@@ -37,12 +37,7 @@ from fedfm.data.images import ImageTensors
 from fedfm.models.handle import ModelHandle
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: threads only add contention
 
 
 class Mlp(torch.nn.Module):

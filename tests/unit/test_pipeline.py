@@ -34,12 +34,7 @@ from fedfm.types import ClientResult, ClientTask, ModelUpdate, ServerState
 logging.getLogger("absl").setLevel(logging.ERROR)  # dp_accounting's RDP series warnings
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: threads only add contention
 
 
 def _params() -> dict[str, torch.Tensor]:
