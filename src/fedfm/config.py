@@ -210,6 +210,11 @@ class RuntimeConfig(_Section):
     engine; flower: a Flower deployment (a SuperLink at ``address`` with SuperNodes)."""
     threads: Optional[int] = Field(None, ge=1)
     """torch intra-op threads (None = all cores)."""
+    vectorize: Union[bool, Literal["auto"]] = False
+    """inprocess: train a round's clients together in one batched (vmapped) call instead of one
+    after another (fedfm.trainers.vectorized); "auto" does so for small models (<= 2M parameters),
+    where per-client kernels cannot keep the cores busy. Falls back to sequential, with a logged
+    reason, where it cannot apply (DP-SGD, one client per round, a model vmap rejects)."""
     address: str = "127.0.0.1:9093"
     """flower: the SuperLink's Control API address (host:port) that runs are submitted to."""
     tls: TlsConfig = TlsConfig()
@@ -225,6 +230,9 @@ class RuntimeConfig(_Section):
         if self.auth.enabled and (self.tls.ca is None or self.auth.keys_dir is None):
             raise ValueError("runtime.auth.enabled needs runtime.tls.ca (Flower authenticates SuperNodes only "
                              "over TLS) and runtime.auth.keys_dir (the SuperNodes' public keys to register)")
+        if self.vectorize is True and self.name != "inprocess":
+            raise ValueError(f"runtime.vectorize = true needs runtime.name = 'inprocess' (got {self.name!r}): "
+                             "on Flower every client trains on its own node")
         return self
 
 

@@ -193,7 +193,29 @@ def build_client_side(cfg: ExperimentConfig) -> "tuple[DataRoles, ModelHandle, A
                                              noise_multiplier=z, max_grad_norm=cfg.privacy.clip)
     else:
         trainer = LocalTrainer(handle, pool, clients, cfg.client, algorithm, attack)
+    if cfg.runtime.name == "inprocess" and cfg.runtime.vectorize is not False:
+        trainer = _vectorized(cfg, trainer)
     return data, handle, tokens, trainer
+
+
+def _vectorized(cfg: ExperimentConfig, trainer: "LocalTrainer") -> "LocalTrainer":
+    """The trainer that trains a cohort in one batched call, if ``runtime.vectorize`` asks for it
+    and it applies; otherwise ``trainer`` (the reason is logged)."""
+    import dataclasses
+    import logging
+
+    from fedfm.trainers.local import LocalTrainer
+    from fedfm.trainers.vectorized import VectorizedTrainer, should_vectorize
+
+    ok, why = should_vectorize(cfg.runtime.vectorize, trainer.handle.model, trainer, cfg.federation.clients_per_round)
+    logging.getLogger("fedfm.vectorized").info("vectorised clients %s: %s", "on" if ok else "off", why)
+    if not ok:
+        if cfg.runtime.vectorize is True:
+            logging.getLogger("fedfm.vectorized").warning("runtime.vectorize = true does not apply, "
+                                                          "training sequentially: %s", why)
+        return trainer
+    fields = {f.name: getattr(trainer, f.name) for f in dataclasses.fields(LocalTrainer)}
+    return VectorizedTrainer(**fields)
 
 
 def central_config(cfg: ExperimentConfig):  # type: ignore[no-untyped-def]  # type: ignore[no-untyped-def]

@@ -44,6 +44,13 @@ def train_client(trainer: ClientTrainer, task: ClientTask, pipeline: "UpdatePipe
     """Train on ``task``, pass the delta through the client pipeline with the client's ``state``,
     and encode the payload."""
     (trained, metrics), = trainer.train_many([task])
+    return client_reply(task, trained, metrics, pipeline, state)
+
+
+def client_reply(task: ClientTask, trained: NamedTensors, metrics: Mapping[str, float], pipeline: "UpdatePipeline",
+                 state: Optional[NamedTensors] = None) -> ClientReply:
+    """The reply of a client that trained ``task`` into ``trained``: its delta through the client
+    pipeline (with the client's ``state``), encoded."""
     out = pipeline.client_step(sub(trained, task.params), task, state)
     if out.payload is None:
         return ClientReply(None, dict(metrics), out.state, out.error)

@@ -9,9 +9,10 @@ from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 from fedfm import wire
 from fedfm.pipeline import UpdatePipeline
-from fedfm.runtime.client import result_from_wire, train_client
+from fedfm.runtime.client import client_reply, result_from_wire
 from fedfm.trainers.base import ClientTrainer
-from fedfm.types import ClientResult, ClientTask
+from fedfm.trainers.vectorized import VectorizedTrainer
+from fedfm.types import ClientResult, ClientTask, NamedTensors
 
 if TYPE_CHECKING:
     import torch
@@ -35,16 +36,26 @@ class InProcessRuntime:
     ) -> list[ClientResult]:
         results = []
         encoded: dict[int, bytes] = {}  # the broadcast is encoded once per distinct params object
+        decoded: dict[int, NamedTensors] = {}  # and decoded once: clients only read it
+        arrived = []
         for task in tasks:
             down = encoded.setdefault(id(task.params), wire.encode(task.params))
-            result = self._client_turn(replace(task, params=wire.decode(down)), len(down))
-            if on_result is not None:
-                on_result(result)
-            results.append(result)
+            params = decoded.setdefault(id(task.params), wire.decode(down))
+            arrived.append((replace(task, params=params), len(down)))
+        group = len(arrived) if isinstance(self.trainer, VectorizedTrainer) else 1
+        for start in range(0, len(arrived), group):
+            chunk = arrived[start:start + group]
+            trained = self.trainer.train_many([t for t, _ in chunk])
+            for (task, bytes_down), (params, metrics) in zip(chunk, trained):
+                result = self._client_turn(task, params, metrics, bytes_down)
+                if on_result is not None:
+                    on_result(result)
+                results.append(result)
         return results
 
-    def _client_turn(self, task: ClientTask, bytes_down: int) -> ClientResult:
-        reply = train_client(self.trainer, task, self.pipeline, self.client_states.get(task.client_id))
+    def _client_turn(self, task: ClientTask, trained: NamedTensors, metrics: dict[str, float],
+                     bytes_down: int) -> ClientResult:
+        reply = client_reply(task, trained, metrics, self.pipeline, self.client_states.get(task.client_id))
         if reply.state:
             self.client_states[task.client_id] = reply.state
         else:

@@ -65,14 +65,18 @@ class LocalTrainer:
         n = len(self.client_indices[task.client_id])
         metrics = {"train_loss": float(np.mean(losses)) if losses else float("nan"),
                    "steps": float(len(losses)), "num_examples": float(n), "examples_seen": float(seen)}
-        trained = self.handle.get_params()
-        if self.attack is not None and task.client_id in self.attack.malicious:
-            from fedfm.tensors import sub
+        return self._after_training(task, self.handle.get_params()), metrics
 
-            gen = torch.Generator().manual_seed(task.seed ^ 0xA77AC)
-            delta = self.attack.apply_update(task.client_id, sub(trained, task.params), gen)
-            trained = {k: task.params[k] + delta[k].to(task.params[k].dtype) for k in task.params}
-        return trained, metrics
+    def _after_training(self, task: ClientTask, trained: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The trained params as the client hands them on: a simulated malicious client rewrites
+        its update here (before the update pipeline clips, noises and compresses it)."""
+        if self.attack is None or task.client_id not in self.attack.malicious:
+            return trained
+        from fedfm.tensors import sub
+
+        gen = torch.Generator().manual_seed(task.seed ^ 0xA77AC)
+        delta = self.attack.apply_update(task.client_id, sub(trained, task.params), gen)
+        return {k: task.params[k] + delta[k].to(task.params[k].dtype) for k in task.params}
 
     def _prepare(self, task: ClientTask, params: list[torch.nn.Parameter]) -> tuple[Any, Any, Any]:
         """(the module to call, the optimizer, a cleanup to run after the loop); subclasses such
