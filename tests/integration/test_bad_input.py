@@ -47,3 +47,17 @@ def test_local_csv_works(tiny_cfg, tmp_path):
     exp = Experiment.build(tiny_cfg(f'data.name="{p}"', 'data.group_column="site"', 'partition.method="natural"',
                                     "data.max_examples=80"))
     assert exp.data.label_names == ["neg", "pos"] and len(exp.data.train) == 4
+
+
+def test_images_refuse_language_modelling_and_prompt_tuning(tiny_cfg):
+    """An image dataset with task mlm/clm, and a prompt method on an image model, are refused with
+    the reason (not a peft or attribute error)."""
+    from fedfm.errors import ConfigError, DataError
+    from fedfm.experiment import Experiment
+
+    with pytest.raises(DataError, match="holds images; task 'clm'"):
+        Experiment.build(tiny_cfg('task="clm"', 'model.name="tiny-llama"', 'data.name="mnist-5k"',
+                                  "data.test_by_group=false"))
+    with pytest.raises(ConfigError, match="takes images. Allowed here: full, head, lora"):
+        Experiment.build(tiny_cfg('model.name="vit-tiny"', 'data.name="mnist-5k"', "data.test_by_group=false",
+                                  'adapter.method="prompt"'))

@@ -27,6 +27,12 @@ class _PromptLearning:
     def apply(self, model: Any, cfg: Any, preset: Any) -> Any:
         from peft import TaskType, get_peft_model
 
+        if preset.tokenizer is None:
+            from fedfm.errors import ConfigError
+
+            raise ConfigError(f"adapter.method={cfg.method!r} prepends learned tokens to a text model's input; "
+                              "this model takes images. Allowed here: full, head, lora")
+
         task = TaskType.SEQ_CLS if has_head(model) else TaskType.CAUSAL_LM
         common = {"task_type": task, "num_virtual_tokens": cfg.virtual_tokens}
         return get_peft_model(model, self.peft_config(cfg, **common))

@@ -94,6 +94,9 @@ def prepare_roles(cfg: "ExperimentConfig") -> DataRoles:
 def _load(cfg: "ExperimentConfig", name: str, max_examples: Optional[int], salt: int) -> LabeledTexts:
     d = cfg.data
     data = load_source(name, d.text_column, d.label_column, d.group_column)
+    if cfg.task != "classify" and not isinstance(data, LabeledTexts):
+        raise DataError(f"dataset {name!r} holds images; task {cfg.task!r} (language modelling) needs text. "
+                        "Use task 'classify' for images, or a text dataset for mlm/clm")
     if d.dedupe:
         data = dedupe(data)
     if max_examples is not None and max_examples < len(data):
