@@ -187,7 +187,10 @@ class UpdatePipeline:
             bound = _clip_of(task)
             delta, norm = clip(delta, bound)
             metrics["clipped"] = float(norm > bound)  # the trusted server's adaptive clip needs this bit
-        payload, new_state = self.compressor.encode(delta, state, generator(task.seed, _CLIENT_CODEC))
+        if isinstance(self.compressor, Identity):  # nothing random to draw: skip seeding a generator
+            payload, new_state = dict(delta), None
+        else:
+            payload, new_state = self.compressor.encode(delta, state, generator(task.seed, _CLIENT_CODEC))
         return ClientOutput(payload, new_state or None, metrics)
 
     # ------------------------------------------------------------------ server side

@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
 import numpy as np
+import torch
 
 from fedfm.aggregators.base import Aggregator
 from fedfm.algorithms.base import Algorithm
 from fedfm.pipeline import UpdatePipeline
 from fedfm.runtime.base import Runtime
-from fedfm.tensors import all_finite
 from fedfm.types import ClientResult, ClientTask, ModelUpdate, NamedTensors, RoundReport, ServerState
 
 log = logging.getLogger("fedfm.round")
@@ -111,10 +112,12 @@ def check_update(update: ModelUpdate, params: NamedTensors, max_norm: Optional[f
     for k, v in update.delta.items():
         if v.dtype != params[k].dtype:
             return f"dtype of {k} is {v.dtype}, expected {params[k].dtype}"
-    if not all_finite(update.delta):
+    # one pass: the float64 norm is NaN or Inf iff some value is (float32 squares cannot overflow it)
+    norm = math.sqrt(sum(float(torch.linalg.vector_norm(v, dtype=torch.float64)) ** 2
+                         for v in update.delta.values() if v.is_floating_point()))
+    if not math.isfinite(norm):
         return "update contains NaN or Inf"
     if max_norm is not None:
-        norm = float(sum(float(v.double().pow(2).sum()) for v in update.delta.values())) ** 0.5
         if norm > max_norm:
             return f"update norm {norm:.3g} exceeds the sanity bound {max_norm:g} (aggregator.reject_norm)"
     if not (update.weight > 0 and np.isfinite(update.weight)):

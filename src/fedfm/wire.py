@@ -14,12 +14,44 @@ if TYPE_CHECKING:
     from fedfm.types import NamedTensors
 
 
-def encode(tensors: "NamedTensors") -> bytes:
-    """Serialize name -> tensor to bytes (contiguous CPU copies; order kept in a header field)."""
-    from safetensors.torch import save
+# safetensors' dtype codes (the format's spec) for the dtypes fedfm sends.
+_DTYPE_CODES = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16", "int64": "I64",
+                "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL"}
 
-    order = ",".join(tensors)
-    return save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata={"order": order})
+
+def encode(tensors: "NamedTensors") -> bytes:
+    """Serialize name -> tensor to bytes in the safetensors format (order kept in a header field).
+
+    Written by hand rather than with ``safetensors.torch.save``: the format is an 8-byte header
+    length, a JSON header and the raw little-endian tensor bytes, and writing it directly costs
+    tens of microseconds per payload where the library's save costs about a millisecond for a
+    few small tensors (its per-tensor checks for shared storage), which dominated a round of
+    100 small clients. Decoding uses the safetensors library itself, which validates every
+    header; tests check that it reads back every dtype bit for bit and that the sizes match.
+    """
+    import json
+    import struct
+
+    header: dict = {"__metadata__": {"order": ",".join(tensors)}}
+    chunks, offset = [], 0
+    for name, value in tensors.items():
+        t = value.detach().cpu().contiguous()
+        code = _DTYPE_CODES.get(str(t.dtype).removeprefix("torch."))
+        if code is None:
+            raise ValueError(f"cannot send {name!r} of dtype {t.dtype}; allowed: {', '.join(_DTYPE_CODES)}")
+        raw = t.reshape(-1).view(torch_uint8()).numpy().tobytes() if t.numel() else b""
+        header[name] = {"dtype": code, "shape": list(t.shape), "data_offsets": [offset, offset + len(raw)]}
+        chunks.append(raw)
+        offset += len(raw)
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as the library writes it
+    return struct.pack("<Q", len(text)) + text + b"".join(chunks)
+
+
+def torch_uint8() -> "torch.dtype":
+    import torch
+
+    return torch.uint8
 
 
 def decode(blob: bytes) -> "dict[str, torch.Tensor]":

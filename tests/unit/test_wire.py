@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 import torch
 
 from fedfm import wire
@@ -18,3 +20,39 @@ def test_bytes_are_payload_plus_small_header():
     t = {"w": torch.zeros(1000, dtype=torch.float32)}
     n = len(wire.encode(t))
     assert 4000 < n < 4000 + 256
+
+
+def test_hand_written_encoder_is_read_by_safetensors_bit_for_bit():
+    """wire.encode writes safetensors by hand; the library's own reader is the reference."""
+    import torch
+    from safetensors.torch import load
+
+    from fedfm import wire
+
+    gen = torch.Generator().manual_seed(0)
+    tensors = {
+        "f64": torch.randn(3, 5, generator=gen, dtype=torch.float64),
+        "f32": torch.randn(7, generator=gen),
+        "bf16": torch.randn(4, 2, generator=gen).to(torch.bfloat16),
+        "f16": torch.randn(2, 3, generator=gen).to(torch.float16),
+        "i64": torch.randint(-2**40, 2**40, (6,), generator=gen),
+        "i8": torch.randint(-128, 127, (5, 1), generator=gen, dtype=torch.int8),
+        "u8": torch.randint(0, 255, (9,), generator=gen, dtype=torch.uint8),
+        "bool": torch.rand(4, generator=gen) > 0.5,
+        "scalar": torch.tensor(3.5),
+        "empty": torch.zeros(0, 4),
+        "strided": torch.arange(12.0).reshape(3, 4).t(),  # not contiguous
+    }
+    blob = wire.encode(tensors)
+    back = load(blob)
+    assert sorted(back) == sorted(tensors)
+    for k, v in tensors.items():
+        assert back[k].dtype == v.dtype and back[k].shape == v.shape
+        assert torch.equal(back[k].view(-1).view(torch.uint8) if v.numel() else back[k], v.contiguous().view(-1).view(torch.uint8) if v.numel() else v), k
+    assert list(wire.decode(blob)) == list(tensors)  # the sender's order survives
+    # the size is the data plus a header: 8 bytes of length, JSON padded to a multiple of 8
+    data = sum(v.numel() * v.element_size() for v in tensors.values())
+    header = int.from_bytes(blob[:8], "little")
+    assert len(blob) == 8 + header + data and header % 8 == 0
+    with pytest.raises(ValueError, match="complex64"):
+        wire.encode({"z": torch.zeros(2, dtype=torch.complex64)})

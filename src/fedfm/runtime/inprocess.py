@@ -39,9 +39,11 @@ class InProcessRuntime:
         decoded: dict[int, NamedTensors] = {}  # and decoded once: clients only read it
         arrived = []
         for task in tasks:
-            down = encoded.setdefault(id(task.params), wire.encode(task.params))
-            params = decoded.setdefault(id(task.params), wire.decode(down))
-            arrived.append((replace(task, params=params), len(down)))
+            key = id(task.params)
+            if key not in encoded:
+                encoded[key] = wire.encode(task.params)
+                decoded[key] = wire.decode(encoded[key])
+            arrived.append((replace(task, params=decoded[key]), len(encoded[key])))
         group = len(arrived) if isinstance(self.trainer, VectorizedTrainer) else 1
         for start in range(0, len(arrived), group):
             chunk = arrived[start:start + group]

@@ -145,7 +145,7 @@ class VectorizedTrainer(LocalTrainer):
             return loss if reg is None else loss + reg
 
         batched = vmap(client_loss, randomness="different")
-        torch.manual_seed(tasks[0].seed)  # dropout masks (drawn per client inside vmap)
+        torch.default_generator.manual_seed(tasks[0].seed)  # dropout masks (drawn per client inside vmap)
         model.train()
         with _eager_attention(model):
             while True:
