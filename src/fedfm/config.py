@@ -215,6 +215,14 @@ class RuntimeConfig(_Section):
     after another (fedfm.trainers.vectorized); "auto" does so for small models (<= 2M parameters),
     where per-client kernels cannot keep the cores busy. Falls back to sequential, with a logged
     reason, where it cannot apply (DP-SGD, one client per round, a model vmap rejects)."""
+    workers: int = Field(1, ge=1)
+    """inprocess: train clients in this many forked worker processes (1 = in this process). The
+    frozen base model is shared between them (shared memory), never copied per process; each
+    worker runs one torch thread (a forked child with more threads hangs once its parent has used
+    several). See docs/performance.md for when workers beat one process."""
+    client_state_mb: Optional[float] = Field(None, gt=0)
+    """inprocess: RAM budget (MiB) for the clients' own state (error-feedback residuals); states
+    beyond it spill to disk, least recently used first (None = keep all in RAM)."""
     address: str = "127.0.0.1:9093"
     """flower: the SuperLink's Control API address (host:port) that runs are submitted to."""
     tls: TlsConfig = TlsConfig()
@@ -230,6 +238,12 @@ class RuntimeConfig(_Section):
         if self.auth.enabled and (self.tls.ca is None or self.auth.keys_dir is None):
             raise ValueError("runtime.auth.enabled needs runtime.tls.ca (Flower authenticates SuperNodes only "
                              "over TLS) and runtime.auth.keys_dir (the SuperNodes' public keys to register)")
+        if self.workers > 1 and self.name != "inprocess":
+            raise ValueError(f"runtime.workers = {self.workers} needs runtime.name = 'inprocess' (got {self.name!r}): "
+                             "Flower places clients on its own nodes")
+        if self.workers > 1 and self.vectorize is True:
+            raise ValueError("runtime.workers > 1 and runtime.vectorize = true are alternatives: vectorising "
+                             "batches a cohort in one process, workers spread it over processes; pick one")
         if self.vectorize is True and self.name != "inprocess":
             raise ValueError(f"runtime.vectorize = true needs runtime.name = 'inprocess' (got {self.name!r}): "
                              "on Flower every client trains on its own node")

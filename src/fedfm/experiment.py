@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, MutableMapping, Optional
 
 import numpy as np
 
@@ -89,7 +89,7 @@ class Experiment:
     data: DataRoles
     plan: RoundPlan
     central: Optional[LocalTrainer]  # the server's trainer on public data, if any
-    client_states: Optional[dict[int, dict[str, torch.Tensor]]] = None
+    client_states: Optional[MutableMapping[int, dict[str, torch.Tensor]]] = None
     """The in-process runtime's per-client pipeline state (checkpointed); None with an outside runtime."""
     attack: Any = None
     """The simulated attack (fedfm.attacks.Attack), if the config has one."""
@@ -105,7 +105,18 @@ class Experiment:
 
         data, handle, tokens, trainer = build_client_side(cfg)
         pipeline = build_pipeline(cfg, [len(idx) for idx in data.train])
-        inprocess = InProcessRuntime(trainer, pipeline) if runtime is None else None
+        inprocess: Any = None
+        if runtime is None:
+            from fedfm.runtime.store import ClientStateStore
+
+            budget = cfg.runtime.client_state_mb
+            states = ClientStateStore(memory_budget=None if budget is None else int(budget * 2**20))
+            if cfg.runtime.workers > 1:
+                from fedfm.runtime.multiprocess import MultiProcessRuntime
+
+                inprocess = MultiProcessRuntime(trainer, pipeline, cfg.runtime.workers, client_states=states)
+            else:
+                inprocess = InProcessRuntime(trainer, pipeline, states)
         plan = RoundPlan(algorithm=trainer.algorithm, aggregator=build_aggregator(cfg.aggregator),
                          runtime=runtime or inprocess, num_clients=cfg.federation.clients,  # type: ignore[arg-type]
                          clients_per_round=cfg.federation.clients_per_round, seed=cfg.seed, pipeline=pipeline,
@@ -116,6 +127,13 @@ class Experiment:
         return cls(cfg=cfg, handle=handle, tokens=tokens, data=data, plan=plan, central=central,
                    client_states=inprocess.client_states if inprocess is not None else None,
                    attack=trainer.attack)
+
+    def close(self) -> None:
+        """Stop worker processes and remove spilled client states (the runner calls this at the end)."""
+        for obj in (self.plan.runtime, self.client_states):
+            close = getattr(obj, "close", None)
+            if close is not None:
+                close()
 
     def initial_state(self) -> ServerState:
         from fedfm.types import ServerState

@@ -69,6 +69,15 @@ def _execute(cfg: ExperimentConfig, out: Path, cb: Callbacks, runtime: Optional[
     from fedfm.schedule import build_schedule, decide
 
     exp = Experiment.build(cfg, runtime)
+    try:
+        return _execute_built(cfg, out, cb, exp)
+    finally:
+        exp.close()
+
+
+def _execute_built(cfg: ExperimentConfig, out: Path, cb: Callbacks, exp: Any) -> dict[str, Any]:
+    from fedfm.schedule import build_schedule, decide
+
     policy, budget = build_schedule(cfg)
     metrics_path, ckpt_dir = out / "metrics.jsonl", out / "checkpoints"
     loaded = load_state(ckpt_dir)
