@@ -45,6 +45,18 @@ class AdapterConfig(_Section):
     """prompt/ptuning/prefix: number of virtual prompt tokens."""
     encoder_hidden: int = Field(128, ge=1)
     """ptuning: hidden size of the prompt encoder (the prompt generator)."""
+    aggregation: Literal["naive", "ffa"] = "naive"
+    """lora: how clients' factors combine (fedfm.adapters.lora_aggregation). naive: FedAvg of A and
+    of B apart (mean(B) @ mean(A) is not the mean update); ffa: FFA-LoRA (Sun et al. 2024), A frozen
+    at its seeded initialization and never sent, only B (and the head) train, so the mean of B @ A
+    is exact."""
+
+    @model_validator(mode="after")
+    def _aggregation_needs_lora(self) -> "AdapterConfig":
+        if self.aggregation != "naive" and self.method != "lora":
+            raise ValueError(f"adapter.aggregation={self.aggregation!r} combines LoRA factors; it needs "
+                             f"adapter.method='lora' (got {self.method!r})")
+        return self
 
 
 class DataConfig(_Section):

@@ -30,7 +30,16 @@ class Lora:
             r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,
             modules_to_save=head_names(model) if cfg.train_head and has_head(model) else None,
         )
-        return get_peft_model(model, lora)
+        model = get_peft_model(model, lora)
+        if getattr(cfg, "aggregation", "naive") == "ffa":
+            from fedfm.adapters.lora_aggregation import ffa_trainable
+
+            # FFA-LoRA: A stays at peft's seeded initialization on every client and at the server
+            # (the model is built from the run's seed everywhere), so it never needs to travel.
+            for name, p in model.named_parameters():
+                if p.requires_grad and not ffa_trainable(name):
+                    p.requires_grad_(False)
+        return model
 
 
 def _linear_names(model: Any) -> set[str]:
