@@ -32,11 +32,17 @@ import torch
 def _data(cfg: dict) -> tuple[torch.Tensor, torch.Tensor, int, dict]:
     name = cfg["data"]["name"]
     if name == "digits":
-        from sklearn.datasets import load_digits
+        # scikit-learn's digits file read directly: `import sklearn.datasets` alone takes seconds,
+        # which would bill the floor for an import fedfm does not make either.
+        import importlib.util
+        from pathlib import Path
 
-        d = load_digits()
-        x = torch.tensor(np.round(d.images * 255 / 16).astype(np.uint8)).float().div(127.5).sub(1).unsqueeze(1)
-        return x, torch.tensor(d.target, dtype=torch.long), 10, {}
+        spec = importlib.util.find_spec("sklearn")
+        path = Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data" / "digits.csv.gz"
+        raw = np.loadtxt(path, delimiter=",")
+        images, target = raw[:, :64].reshape(-1, 8, 8), raw[:, 64].astype(np.int64)
+        x = torch.tensor(np.round(images * 255 / 16).astype(np.uint8)).float().div(127.5).sub(1).unsqueeze(1)
+        return x, torch.tensor(target, dtype=torch.long), 10, {}
     if name == "random-tokens":
         gen = torch.Generator().manual_seed(0)
         n, length = 200, int(cfg["model"].get("max_length", 64))
