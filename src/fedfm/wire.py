@@ -48,6 +48,25 @@ def encode(tensors: "NamedTensors") -> bytes:
     return struct.pack("<Q", len(text)) + text + b"".join(chunks)
 
 
+def encoded_size(tensors: "NamedTensors") -> int:
+    """``len(encode(tensors))``, computed from names, dtypes and shapes without copying any data:
+    the in-process runtime counts a payload's bytes this way instead of serializing it (tests
+    check the equality on every dtype and shape)."""
+    import json
+
+    header: dict = {"__metadata__": {"order": ",".join(tensors)}}
+    offset = 0
+    for name, t in tensors.items():
+        code = _DTYPE_CODES.get(str(t.dtype).removeprefix("torch."))
+        if code is None:
+            raise ValueError(f"cannot send {name!r} of dtype {t.dtype}; allowed: {', '.join(_DTYPE_CODES)}")
+        size = t.numel() * t.element_size()
+        header[name] = {"dtype": code, "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    text = len(json.dumps(header, separators=(",", ":")).encode())
+    return 8 + text + (-text % 8) + offset
+
+
 def torch_uint8() -> "torch.dtype":
     import torch
 

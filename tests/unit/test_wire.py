@@ -56,3 +56,21 @@ def test_hand_written_encoder_is_read_by_safetensors_bit_for_bit():
     assert len(blob) == 8 + header + data and header % 8 == 0
     with pytest.raises(ValueError, match="complex64"):
         wire.encode({"z": torch.zeros(2, dtype=torch.complex64)})
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_encoded_size_equals_the_encoding_length(seed):
+    import torch
+
+    from fedfm import wire
+
+    gen = torch.Generator().manual_seed(seed)
+    dtypes = [torch.float32, torch.float64, torch.bfloat16, torch.int8, torch.int64, torch.bool, torch.uint8]
+    tensors = {}
+    for i in range(int(torch.randint(1, 12, (1,), generator=gen))):
+        shape = tuple(int(s) for s in torch.randint(0, 5, (int(torch.randint(0, 4, (1,), generator=gen)),),
+                                                    generator=gen))
+        dtype = dtypes[int(torch.randint(len(dtypes), (1,), generator=gen))]
+        name = f"base_model.layer.{i}.lora_{'AB'[i % 2]}.weight" * (1 + i % 3)
+        tensors[name] = torch.zeros(shape, dtype=dtype)
+    assert wire.encoded_size(tensors) == len(wire.encode(tensors))

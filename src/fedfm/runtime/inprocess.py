@@ -1,6 +1,8 @@
-"""The default runtime: every client runs in this process, one after another, on one
-shared model. Tasks and payloads still go through the wire encoding, so the bytes
-reported are the bytes a deployment would move."""
+"""The default runtime: every client runs in this process, one after another (or a cohort at a
+time, vectorised), on one shared model. The broadcast goes through the wire encoding once per
+round; a client's payload is handed to the server as is and its bytes are counted exactly as
+``wire.encode`` would write them (``wire.encoded_size``), so the bytes reported are the bytes a
+deployment moves, without serializing every client's update in memory."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 from fedfm import wire
 from fedfm.pipeline import UpdatePipeline
-from fedfm.runtime.client import client_reply, result_from_wire
+from fedfm.tensors import sub
 from fedfm.trainers.base import ClientTrainer
 from fedfm.trainers.vectorized import VectorizedTrainer
 from fedfm.types import ClientResult, ClientTask, NamedTensors
@@ -57,12 +59,16 @@ class InProcessRuntime:
 
     def _client_turn(self, task: ClientTask, trained: NamedTensors, metrics: dict[str, float],
                      bytes_down: int) -> ClientResult:
-        reply = client_reply(task, trained, metrics, self.pipeline, self.client_states.get(task.client_id))
-        if reply.state:
-            self.client_states[task.client_id] = reply.state
+        out = self.pipeline.client_step(sub(trained, task.params), task, self.client_states.get(task.client_id))
+        if out.state:
+            self.client_states[task.client_id] = out.state
         else:
             self.client_states.pop(task.client_id, None)
-        if reply.up is None:
-            return ClientResult(client_id=task.client_id, update=None, metrics=reply.metrics, bytes_up=0,
-                                bytes_down=bytes_down, error=reply.error)
-        return result_from_wire(task.client_id, reply.up, reply.metrics, bytes_down)
+        if out.payload is None:
+            return ClientResult(client_id=task.client_id, update=None, metrics=dict(metrics), bytes_up=0,
+                                bytes_down=bytes_down, error=out.error)
+        # Nothing crosses a process here: the payload is handed over as is, and its bytes are
+        # what wire.encode would write, counted exactly from its header and data sizes.
+        payload = {k: v.detach() for k, v in out.payload.items()}
+        return ClientResult(client_id=task.client_id, update=None, metrics={**metrics, **out.metrics},
+                            bytes_up=wire.encoded_size(payload), bytes_down=bytes_down, payload=payload)
