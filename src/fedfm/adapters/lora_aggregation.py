@@ -797,16 +797,18 @@ def _target_scalings(rnd: LoraRound, n_targets: int, own: bool) -> list[float]:
     return [1.0 if rnd.scalings is None else float(rnd.scalings[0])] * n_targets
 
 
+def _everything(self: object, name: str) -> bool:
+    """Every parameter trains / is sent (the strategies that do not split A from B)."""
+    return True
+
+
 @dataclass(frozen=True)
 class _Naive:
     name: str = "naive"
     heterogeneous: bool = False
 
-    def trains(self, name: str) -> bool:
-        return True
-
-    def sends(self, name: str) -> bool:
-        return True
+    trains = _everything
+    sends = _everything
 
     def aggregate(self, rnd: LoraRound) -> LoraRoundResult:
         """FedAvg on every parameter, factors included (:func:`naive_aggregate`)."""
@@ -896,11 +898,8 @@ class _Flora:
     name: str = "flora"
     heterogeneous: bool = True
 
-    def trains(self, name: str) -> bool:
-        return True
-
-    def sends(self, name: str) -> bool:
-        return True
+    trains = _everything
+    sends = _everything
 
     def aggregate(self, rnd: LoraRound) -> LoraRoundResult:
         """Per module: merge_into_base = sum_i p_i s_i B_i A_i (stacked, exact); new factors:
@@ -930,11 +929,8 @@ class _FlexLora:
     name: str = "flexlora"
     heterogeneous: bool = True
 
-    def trains(self, name: str) -> bool:
-        return True
-
-    def sends(self, name: str) -> bool:
-        return True
+    trains = _everything
+    sends = _everything
 
     def aggregate(self, rnd: LoraRound) -> LoraRoundResult:
         """Per module: exact mean delta, then truncated-SVD factors at the global rank
@@ -973,11 +969,8 @@ class _HetLora:
     name: str = "hetlora"
     heterogeneous: bool = True
 
-    def trains(self, name: str) -> bool:
-        return True
-
-    def sends(self, name: str) -> bool:
-        return True
+    trains = _everything
+    sends = _everything
 
     def aggregate(self, rnd: LoraRound) -> LoraRoundResult:
         """Per module: zero-pad to the global rank (that of ``global_params``) and average with
