@@ -154,7 +154,9 @@ class ClientConfig(_Section):
 
 
 class AlgorithmConfig(_Section):
-    name: Literal["fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad"] = "fedavg"
+    name: Literal["fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "scaffold", "fednova"] = "fedavg"
+    """scaffold: control variates correct client drift (Karimireddy et al. 2020; needs client.optimizer
+    "sgd"); fednova: updates normalised by local work (Wang et al. 2020), for unequal step counts."""
     mu: float = Field(0.01, ge=0)
     """FedProx proximal weight."""
     server_lr: Optional[float] = Field(None, gt=0)
@@ -448,6 +450,27 @@ class ExperimentConfig(_Section):
             raise ValueError(f"schedule.policy={s.policy!r} watches a validation loss; data.val_fraction must be > 0")
         return self
 
+
+    @model_validator(mode="after")
+    def _algorithm_fits(self) -> "ExperimentConfig":
+        name, c = self.algorithm.name, self.client
+        if name == "scaffold":
+            if c.optimizer != "sgd" or c.momentum != 0:
+                raise ValueError(f"algorithm.name='scaffold' corrects plain SGD steps (its control variate is the "
+                                 f"mean gradient, delta / (K lr)); client.optimizer={c.optimizer!r} with momentum "
+                                 f"{c.momentum} is not that; set client.optimizer=\"sgd\" and client.momentum=0")
+            if self.runtime.name == "flower":
+                raise ValueError("algorithm.name='scaffold' sends a control variate with each task, which the Flower "
+                                 "runtime does not carry yet; use runtime.name=\"inprocess\"")
+        if name in ("scaffold", "fednova"):
+            if self.secagg.enabled:
+                raise ValueError(f"algorithm.name={name!r} needs each client's update and step count at the server, "
+                                 "which secure aggregation hides; turn secagg off or use fedavg")
+            if self.privacy.mechanism != "none":
+                raise ValueError(f"algorithm.name={name!r} rescales or reads individual updates at the server, "
+                                 f"which privacy.mechanism={self.privacy.mechanism!r} does not account for; "
+                                 "allowed: privacy.mechanism=\"none\"")
+        return self
 
     @model_validator(mode="after")
     def _trust_pipeline_fits(self) -> "ExperimentConfig":

@@ -189,7 +189,8 @@ def build_client_side(cfg: ExperimentConfig) -> "tuple[DataRoles, ModelHandle, A
     data = prepare_data(cfg)
     handle = build_model(cfg, data.pool.num_classes)
     tokens = encode_pool(cfg, data.pool, handle)
-    clients, algorithm = dict(enumerate(data.train)), build_algorithm(cfg.algorithm)
+    clients = dict(enumerate(data.train))
+    algorithm = build_algorithm(cfg.algorithm, cfg.client, cfg.federation.clients)
     attack, pool = None, tokens
     if cfg.attack.name != "none":  # simulation only: the runtime never imports fedfm.attacks
         from fedfm.attacks import AttackSpec, build_attack

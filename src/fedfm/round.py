@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Optional, Sequence
 
 import numpy as np
@@ -54,11 +54,17 @@ def run_round(
         log.warning("round %d: update of client %d rejected: %s", rnd, r["client"], r["reason"])
     # 5. aggregate (secure sum, central noise or the aggregator) and 6. the algorithm's server step
     params, opt_state, extra = dict(state.params), dict(state.opt_state), dict(state.extra)
+    hook = getattr(plan.algorithm, "before_aggregate", None)
+    if accepted and hook is not None:  # FedNova's normalisation, SCAFFOLD's control variate
+        uniform = getattr(plan.aggregator, "weighting", "examples") == "uniform"
+        updates, opt_state = hook([r.update for r in accepted], [r.metrics for r in accepted], opt_state,
+                                  plan.num_clients, uniform)
+        accepted = [replace(r, update=u) for r, u in zip(accepted, updates)]
     if accepted:
         agg = plan.pipeline.aggregate(accepted, state.extra, rnd, plan.aggregator)
         extra, rejected = agg.extra, rejected + list(agg.dropped)
         if agg.delta is not None:
-            params, opt_state = plan.algorithm.server_update(state.params, state.opt_state, agg.delta)
+            params, opt_state = plan.algorithm.server_update(state.params, opt_state, agg.delta)
     # 7. charge the round's privacy cost
     extra, epsilon = plan.pipeline.account(extra, cohort, received)
     report = RoundReport(
@@ -77,7 +83,7 @@ def sample_cohort(seed: int, rnd: int, num_clients: int, k: int) -> list[int]:
 
 
 def make_tasks(state: ServerState, rnd: int, cohort: Sequence[int], plan: RoundPlan) -> list[ClientTask]:
-    payload = {**plan.algorithm.client_payload(), **plan.pipeline.client_payload(state.extra)}
+    payload = {**plan.algorithm.client_payload(state.opt_state), **plan.pipeline.client_payload(state.extra)}
     return [
         ClientTask(round=rnd, client_id=c, params=state.params, seed=client_seed(plan.seed, rnd, c), payload=payload)
         for c in cohort

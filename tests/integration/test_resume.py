@@ -22,10 +22,12 @@ def _lines(path):
     return [{k: v for k, v in json.loads(l).items() if k not in VOLATILE} for l in path.read_text().splitlines()]
 
 
-@pytest.mark.parametrize("algorithm", ["fedavg", "fedadam"])
+@pytest.mark.parametrize("algorithm", ["fedavg", "fedadam", "scaffold"])
 def test_resume_equals_uninterrupted(tmp_path, tiny_cfg, algorithm):
+    # scaffold: the clients' control variates are client state, checkpointed with the server's
+    sgd = ['client.optimizer="sgd"', "client.lr=0.05"] if algorithm == "scaffold" else []
     cfg = tiny_cfg("federation.rounds=3", f'algorithm.name="{algorithm}"', 'adapter.method="lora"',
-                   "adapter.dropout=0.1")
+                   "adapter.dropout=0.1", *sgd)
     run(cfg, tmp_path / "full")
 
     def die_after_round_2(line):

@@ -28,7 +28,7 @@ class FedProx(FedAvg):
     def from_config(cls, cfg: "AlgorithmConfig") -> "FedProx":
         return cls(server_lr=cls.server_lr if cfg.server_lr is None else cfg.server_lr, mu=cfg.mu)
 
-    def client_payload(self) -> Mapping[str, Any]:
+    def client_payload(self, state: Any = None) -> Mapping[str, Any]:
         return {"mu": self.mu}
 
     def client_regularizer(

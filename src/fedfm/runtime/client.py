@@ -8,8 +8,8 @@ and Flower runs give the same model.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Mapping, Optional
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any, Mapping, Optional
 
 from fedfm import wire
 from fedfm.tensors import sub
@@ -39,22 +39,76 @@ class ClientReply:
     error: Optional[str] = None
 
 
+ALGORITHM_STATE = "algo/"
+"""Prefix of the algorithm's keys in a client's state (SCAFFOLD's c_i); the other keys are the
+update pipeline's (error-feedback residuals)."""
+
+
+def split_state(state: Optional[NamedTensors]) -> "tuple[Optional[dict[str, torch.Tensor]], dict[str, torch.Tensor]]":
+    """A client's state -> (its pipeline part or None, its algorithm part without the prefix)."""
+    if not state:
+        return None, {}
+    n = len(ALGORITHM_STATE)
+    pipe = {k: v for k, v in state.items() if not k.startswith(ALGORITHM_STATE)}
+    return pipe or None, {k[n:]: v for k, v in state.items() if k.startswith(ALGORITHM_STATE)}
+
+
+def merge_state(pipe: Optional[NamedTensors], algo: Optional[NamedTensors]) -> "Optional[dict[str, torch.Tensor]]":
+    out = {**(pipe or {}), **{ALGORITHM_STATE + k: v for k, v in (algo or {}).items()}}
+    return out or None
+
+
+def with_client_state(task: ClientTask, algorithm: Any, state: Optional[NamedTensors]) -> ClientTask:
+    """``task`` as the client's trainer sees it: with the client's own algorithm state in its
+    payload (under CLIENT_STATE) when the algorithm keeps one; ``task`` itself otherwise."""
+    from fedfm.algorithms.base import CLIENT_STATE, has_client_state
+
+    if not has_client_state(algorithm):
+        return task
+    return replace(task, payload={**task.payload, CLIENT_STATE: split_state(state)[1]})
+
+
+def payload_bytes(payload: Mapping[str, Any]) -> int:
+    """Bytes of the tensors an algorithm sends with a task (SCAFFOLD's control variate), as
+    ``wire.encode`` would write them; scalars ride in the message header and count 0."""
+    from fedfm.algorithms.base import CLIENT_STATE
+
+    return sum(wire.encoded_size(v) for k, v in payload.items()
+               if k != CLIENT_STATE and isinstance(v, Mapping) and v)
+
+
 def train_client(trainer: ClientTrainer, task: ClientTask, pipeline: "UpdatePipeline",
                  state: Optional[NamedTensors] = None) -> ClientReply:
     """Train on ``task``, pass the delta through the client pipeline with the client's ``state``,
     and encode the payload."""
+    algorithm = getattr(trainer, "algorithm", None)
+    task = with_client_state(task, algorithm, state)
     (trained, metrics), = trainer.train_many([task])
-    return client_reply(task, trained, metrics, pipeline, state)
+    return client_reply(task, trained, metrics, pipeline, state, algorithm)
+
+
+def client_step(task: ClientTask, trained: NamedTensors, pipeline: "UpdatePipeline",
+                state: Optional[NamedTensors], algorithm: Any, metrics: Mapping[str, float]) -> "tuple[Any, Any]":
+    """(the pipeline's ClientOutput, the client's whole new state): the delta through the client
+    pipeline with its part of ``state``, and the algorithm's new client state."""
+    from fedfm.algorithms.base import has_client_state
+
+    delta = sub(trained, task.params)
+    pipe, algo = split_state(state)
+    out = pipeline.client_step(delta, task, pipe)
+    if has_client_state(algorithm):
+        algo = algorithm.client_finish(task, delta, metrics) or {}
+    return out, merge_state(out.state, algo)
 
 
 def client_reply(task: ClientTask, trained: NamedTensors, metrics: Mapping[str, float], pipeline: "UpdatePipeline",
-                 state: Optional[NamedTensors] = None) -> ClientReply:
+                 state: Optional[NamedTensors] = None, algorithm: Any = None) -> ClientReply:
     """The reply of a client that trained ``task`` into ``trained``: its delta through the client
     pipeline (with the client's ``state``), encoded."""
-    out = pipeline.client_step(sub(trained, task.params), task, state)
+    out, new_state = client_step(task, trained, pipeline, state, algorithm, metrics)
     if out.payload is None:
-        return ClientReply(None, dict(metrics), out.state, out.error)
-    return ClientReply(wire.encode(out.payload), {**metrics, **out.metrics}, out.state)
+        return ClientReply(None, dict(metrics), new_state, out.error)
+    return ClientReply(wire.encode(out.payload), {**metrics, **out.metrics}, new_state)
 
 
 def result_from_wire(client_id: int, up: bytes, metrics: Mapping[str, float], bytes_down: int) -> ClientResult:

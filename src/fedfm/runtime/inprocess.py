@@ -7,11 +7,11 @@ deployment moves, without serializing every client's update in memory."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 from fedfm import wire
 from fedfm.pipeline import UpdatePipeline
-from fedfm.tensors import sub
+from fedfm.runtime.client import client_step, payload_bytes, with_client_state
 from fedfm.trainers.base import ClientTrainer
 from fedfm.trainers.vectorized import VectorizedTrainer
 from fedfm.types import ClientResult, ClientTask, NamedTensors
@@ -45,7 +45,9 @@ class InProcessRuntime:
             if key not in encoded:
                 encoded[key] = wire.encode(task.params)
                 decoded[key] = wire.decode(encoded[key])
-            arrived.append((replace(task, params=decoded[key]), len(encoded[key])))
+            state = self.client_states.get(task.client_id)
+            arrived.append((with_client_state(replace(task, params=decoded[key]), self._algorithm, state),
+                            len(encoded[key]) + payload_bytes(task.payload)))
         group = len(arrived) if isinstance(self.trainer, VectorizedTrainer) else 1
         for start in range(0, len(arrived), group):
             chunk = arrived[start:start + group]
@@ -57,11 +59,16 @@ class InProcessRuntime:
                 results.append(result)
         return results
 
+    @property
+    def _algorithm(self) -> Any:
+        return getattr(self.trainer, "algorithm", None)
+
     def _client_turn(self, task: ClientTask, trained: NamedTensors, metrics: dict[str, float],
                      bytes_down: int) -> ClientResult:
-        out = self.pipeline.client_step(sub(trained, task.params), task, self.client_states.get(task.client_id))
-        if out.state:
-            self.client_states[task.client_id] = out.state
+        out, state = client_step(task, trained, self.pipeline, self.client_states.get(task.client_id),
+                                 self._algorithm, metrics)
+        if state:
+            self.client_states[task.client_id] = state
         else:
             self.client_states.pop(task.client_id, None)
         if out.payload is None:

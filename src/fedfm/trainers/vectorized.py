@@ -84,6 +84,11 @@ def _blocker(trainer: LocalTrainer, clients_per_round: int) -> Optional[str]:
                 "cannot be batched across clients")
     if clients_per_round < 2:
         return "one client per round: nothing to batch"
+    from fedfm.algorithms.base import has_client_state
+
+    if has_client_state(trainer.algorithm):
+        return (f"{type(trainer.algorithm).__name__} corrects each client's steps with the client's own state "
+                "(a per-client payload), which one batched call does not carry")
     return None
 
 
