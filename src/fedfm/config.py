@@ -13,7 +13,7 @@ from typing import Any, Literal, Optional, Union, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from fedfm.errors import ConfigError
+from fedfm.errors import ConfigError, FedfmError
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -129,6 +129,31 @@ class FederationConfig(_Section):
     clients: int = Field(10, ge=1)
     clients_per_round: int = Field(10, ge=1)
     rounds: int = Field(5, ge=1)
+    """Rounds (sync) or server aggregations (async)."""
+    mode: Literal["sync", "async"] = "sync"
+    """sync: rounds of a sampled cohort; async: buffered asynchronous aggregation (FedBuff, Nguyen
+    et al. 2022): ``concurrency`` clients train at once, the server steps every ``buffer`` arrivals."""
+    deadline: Optional[float] = Field(None, gt=0)
+    """sync: a round lasts at most this many simulated seconds (see [clients]); None = no deadline."""
+    stragglers: Literal["drop", "partial"] = "drop"
+    """Clients that cannot finish their local steps by the deadline: dropped, or their partial work
+    used (the steps they complete; pair with algorithm "fednova" to normalise it)."""
+    buffer: Optional[int] = Field(None, ge=1)
+    """async: arrivals per server step (FedBuff's K); None = clients_per_round."""
+    concurrency: Optional[int] = Field(None, ge=1)
+    """async: clients training at once; None = min(clients, 2 * buffer)."""
+    staleness: Literal["polynomial", "constant", "hinge"] = "polynomial"
+    """async: weight of an update computed on a model s versions old: (1 + s)^-a, 1, or hinge."""
+    staleness_exponent: float = Field(0.5, gt=0)
+    """async: a in (1 + s)^-a (FedBuff uses 0.5)."""
+
+    @property
+    def buffer_size(self) -> int:
+        return self.buffer or self.clients_per_round
+
+    @property
+    def in_flight(self) -> int:
+        return self.concurrency or min(self.clients, 2 * self.buffer_size)
 
     @model_validator(mode="after")
     def _cohort_fits(self) -> "FederationConfig":
@@ -137,7 +162,41 @@ class FederationConfig(_Section):
                 f"clients_per_round={self.clients_per_round} exceeds clients={self.clients}; "
                 "allowed: 1..clients"
             )
+        if self.mode == "async":
+            if self.in_flight > self.clients:
+                raise ValueError(f"federation.concurrency={self.in_flight} exceeds clients={self.clients}")
+            if self.buffer_size > self.in_flight:
+                raise ValueError(f"federation.buffer={self.buffer_size} exceeds federation.concurrency="
+                                 f"{self.in_flight}: the server would wait for more arrivals than clients in flight")
+            if self.deadline is not None:
+                raise ValueError("federation.deadline applies to sync rounds; async mode has no rounds to cut "
+                                 "(set federation.mode=\"sync\" or drop the deadline)")
         return self
+
+
+class TierConfig(_Section):
+    share: float = Field(gt=0, le=1)
+    """Fraction of clients in this tier."""
+    speed: float = Field(1.0, gt=0)
+    """Relative compute speed (1.0 takes clients.step_s simulated seconds per local step)."""
+    rank: Optional[int] = Field(None, ge=1)
+    """LoRA rank of this tier's clients (with adapter.rank = "tiers")."""
+
+
+class ClientsConfig(_Section):
+    """System heterogeneity of the simulated clients (fedfm.system)."""
+
+    speed: Union[float, list[float], Literal["tiers"]] = 1.0
+    """Relative compute speed: one value, one per client, or "tiers" (from clients.tiers)."""
+    availability: Union[float, list[float]] = 1.0
+    """Probability a sampled client is reachable in a round (one value or one per client); an
+    unreachable client drops out of the round."""
+    tiers: list[TierConfig] = []
+    """Device classes, e.g. [{share = 0.5, speed = 1.0, rank = 16}, {share = 0.5, speed = 0.25, rank = 4}]."""
+    step_s: float = Field(1.0, gt=0)
+    """Simulated seconds of one local step at speed 1.0."""
+    bandwidth: Optional[float] = Field(None, gt=0)
+    """Bytes per simulated second each way; None = transfers take no simulated time."""
 
 
 class ClientConfig(_Section):
@@ -398,6 +457,30 @@ class ExperimentConfig(_Section):
     privacy: PrivacyConfig = PrivacyConfig()
     secagg: SecureAggConfig = SecureAggConfig()
     compression: CompressionConfig = CompressionConfig()
+    clients: ClientsConfig = ClientsConfig()
+
+    @model_validator(mode="after")
+    def _system_fits(self) -> "ExperimentConfig":
+        from fedfm.system import ClientTier, SystemProfile
+
+        c, f = self.clients, self.federation
+        try:
+            SystemProfile.build(f.clients, self.seed, c.speed, c.availability, c.step_s, c.bandwidth,
+                                [ClientTier(t.share, t.speed, t.rank) for t in c.tiers] if c.tiers else None)
+        except FedfmError as e:
+            raise ValueError(f"[clients]: {e}") from None
+        if f.mode == "async":
+            if self.aggregator.name != "mean" or self.secagg.enabled or self.privacy.mechanism == "central":
+                raise ValueError("federation.mode=\"async\" aggregates a buffer of staleness-weighted updates "
+                                 "(FedBuff); it runs with aggregator.name=\"mean\", without secure aggregation or "
+                                 "central DP (local DP and compression are fine)")
+            if self.schedule.central_steps > 0 or self.paradigm in ("central", "pooled"):
+                raise ValueError("federation.mode=\"async\" runs federated aggregations only; drop the central "
+                                 "phases (schedule.central_steps=0, paradigm \"fl\" or \"ffm\")")
+            if self.algorithm.name in ("scaffold", "fednova"):
+                raise ValueError(f"algorithm.name={self.algorithm.name!r} is defined for synchronous rounds; "
+                                 "with federation.mode=\"async\" use fedavg, fedprox, fedavgm or the adaptive ones")
+        return self
 
     @model_validator(mode="after")
     def _aggregator_fits_cohort(self) -> "ExperimentConfig":

@@ -98,6 +98,7 @@ class Experiment:
     def build(cls, cfg: ExperimentConfig, runtime: Optional["Runtime"] = None) -> "Experiment":
         """Build everything; ``runtime`` replaces the in-process runtime (e.g. Flower's)."""
         from fedfm.aggregators import build_aggregator
+        from fedfm.federation import build_system
         from fedfm.pipeline import build_pipeline
         from fedfm.round import RoundPlan
         from fedfm.runtime.inprocess import InProcessRuntime
@@ -120,7 +121,8 @@ class Experiment:
         plan = RoundPlan(algorithm=trainer.algorithm, aggregator=build_aggregator(cfg.aggregator),
                          runtime=runtime or inprocess, num_clients=cfg.federation.clients,  # type: ignore[arg-type]
                          clients_per_round=cfg.federation.clients_per_round, seed=cfg.seed, pipeline=pipeline,
-                         max_update_norm=cfg.aggregator.reject_norm)
+                         max_update_norm=cfg.aggregator.reject_norm,
+                         system=build_system(cfg, [len(idx) for idx in data.train]))
         central = None
         if data.public is not None:
             central = LocalTrainer(handle, tokens, {SERVER: data.public}, central_config(cfg), _NoRegularizer())

@@ -6,7 +6,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field, replace
-from typing import Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -16,6 +16,9 @@ from fedfm.algorithms.base import Algorithm
 from fedfm.pipeline import UpdatePipeline
 from fedfm.runtime.base import Runtime
 from fedfm.types import ClientResult, ClientTask, ModelUpdate, NamedTensors, RoundReport, ServerState
+
+if TYPE_CHECKING:
+    from fedfm.federation import SystemPlan
 
 log = logging.getLogger("fedfm.round")
 
@@ -33,18 +36,36 @@ class RoundPlan:
     pipeline: UpdatePipeline = field(default_factory=UpdatePipeline)
     max_update_norm: Optional[float] = 1e6
     """Updates with a larger L2 norm are rejected as malformed (a sanity bound, not robustness)."""
+    system: "Optional[SystemPlan]" = None
+    """Client speeds, availability, deadline and async mode (fedfm.federation); None = every sampled
+    client trains fully and no simulated time is kept."""
 
 
 def run_round(
     state: ServerState, plan: RoundPlan, on_result: Optional[Callable[[ClientResult], None]] = None
 ) -> tuple[ServerState, RoundReport]:
     """Run round ``state.round + 1`` and return the new state and its report."""
+    if plan.system is not None and plan.system.mode == "async":
+        from fedfm.federation import run_async_round
+
+        return run_async_round(state, plan, on_result)
     start = time.perf_counter()
     rnd = state.round + 1
-    # 1. sample the cohort
+    # 1. sample the cohort; unreachable clients drop out, stragglers are cut at the deadline
     cohort = sample_cohort(plan.seed, rnd, plan.num_clients, plan.clients_per_round)
+    caps: dict[int, int] = {}
+    dropped: list[dict] = []
+    sim_time = None
+    if plan.system is not None:
+        from fedfm import wire
+        from fedfm.federation import participation
+        from fedfm.federation import sim_time as clock
+
+        part = participation(plan.system, rnd, cohort, wire.encoded_size(state.params))
+        cohort, caps, dropped = part.clients, part.caps, part.dropped
+        sim_time = clock(state.extra) + part.round_time
     # 2. one task per client: the global trainable params, the algorithm's and the pipeline's payload
-    tasks = make_tasks(state, rnd, cohort, plan)
+    tasks = make_tasks(state, rnd, cohort, plan, caps)
     # 3. the runtime delivers tasks and collects payloads (each client: train, clip, noise, compress)
     results = plan.runtime.run(tasks, on_result)
     # 4. decode payloads; reject malformed ones (bad payload, NaN/Inf, wrong names or shapes)
@@ -52,6 +73,8 @@ def run_round(
     accepted, rejected = screen(received, state.params, plan.max_update_norm)
     for r in rejected:
         log.warning("round %d: update of client %d rejected: %s", rnd, r["client"], r["reason"])
+    for r in dropped:
+        log.info("round %d: client %d left out: %s", rnd, r["client"], r["reason"])
     # 5. aggregate (secure sum, central noise or the aggregator) and 6. the algorithm's server step
     params, opt_state, extra = dict(state.params), dict(state.opt_state), dict(state.extra)
     hook = getattr(plan.algorithm, "before_aggregate", None)
@@ -65,13 +88,18 @@ def run_round(
         extra, rejected = agg.extra, rejected + list(agg.dropped)
         if agg.delta is not None:
             params, opt_state = plan.algorithm.server_update(state.params, opt_state, agg.delta)
+    rejected = dropped + rejected
     # 7. charge the round's privacy cost
     extra, epsilon = plan.pipeline.account(extra, cohort, received)
+    if sim_time is not None:
+        from fedfm.federation import SIM_TIME
+
+        extra[SIM_TIME] = sim_time
     report = RoundReport(
         round=rnd, clients=tuple(cohort), train_loss=_weighted_loss(accepted),
         bytes_up=sum(r.bytes_up for r in results), bytes_down=sum(r.bytes_down for r in results),
         rejected=tuple(rejected), wall_s=time.perf_counter() - start,
-        epsilon=epsilon, delta=plan.pipeline.delta if epsilon is not None else None,
+        epsilon=epsilon, delta=plan.pipeline.delta if epsilon is not None else None, sim_time=sim_time,
     )
     return ServerState(round=rnd, params=params, opt_state=opt_state, extra=extra), report
 
@@ -82,10 +110,16 @@ def sample_cohort(seed: int, rnd: int, num_clients: int, k: int) -> list[int]:
     return sorted(int(c) for c in rng.choice(num_clients, size=k, replace=False))
 
 
-def make_tasks(state: ServerState, rnd: int, cohort: Sequence[int], plan: RoundPlan) -> list[ClientTask]:
+def make_tasks(state: ServerState, rnd: int, cohort: Sequence[int], plan: RoundPlan,
+               caps: Optional[dict[int, int]] = None) -> list[ClientTask]:
+    """``caps``: client -> cap on its local steps this round (a straggler's partial work)."""
+    from fedfm.federation import MAX_STEPS
+
     payload = {**plan.algorithm.client_payload(state.opt_state), **plan.pipeline.client_payload(state.extra)}
+    caps = caps or {}
     return [
-        ClientTask(round=rnd, client_id=c, params=state.params, seed=client_seed(plan.seed, rnd, c), payload=payload)
+        ClientTask(round=rnd, client_id=c, params=state.params, seed=client_seed(plan.seed, rnd, c),
+                   payload=payload if c not in caps else {**payload, MAX_STEPS: caps[c]})
         for c in cohort
     ]
 

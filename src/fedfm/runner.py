@@ -174,6 +174,8 @@ def _line(report: RoundReport, decision: Any, evals: dict[str, Any], cost: float
         **{k: v for k, v in evals.items() if k not in ("loss", "accuracy", "f1", "perplexity")},
         "bytes_up": report.bytes_up, "bytes_down": report.bytes_down, "clients": list(report.clients),
         "rejected": list(report.rejected), "cost": cost, "wall_s": report.wall_s, "elapsed_s": elapsed,
+        **({"sim_time_s": report.sim_time} if report.sim_time is not None else {}),
+        **({"staleness": list(report.staleness)} if report.staleness else {}),
         **({"epsilon": report.epsilon, "delta": report.delta} if report.epsilon is not None else {}),
     }
 
@@ -212,4 +214,5 @@ def summarize(lines: list[dict[str, Any]]) -> dict[str, Any]:
         "backdoor_success": last.get("backdoor_success"),
         "epsilon": max((r["epsilon"] for r in rounds if r.get("epsilon") is not None), default=None),
         "wall_s": rounds[-1]["elapsed_s"] if rounds else 0.0,
+        "sim_time_s": max((r["sim_time_s"] for r in rounds if r.get("sim_time_s") is not None), default=None),
     }

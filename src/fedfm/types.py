@@ -109,3 +109,7 @@ class RoundReport:
     epsilon: float | None = None
     """Privacy spent so far at ``delta`` (None without a privacy mechanism; inf without noise)."""
     delta: float | None = None
+    sim_time: float | None = None
+    """Simulated seconds since the start of training (fedfm.federation), None when not simulated."""
+    staleness: tuple[int, ...] = ()
+    """async: staleness of each aggregated update (server versions since its client started)."""

@@ -50,7 +50,7 @@ class LocalTrainer:
         model, optimizer, release = self._prepare(task, list(params.values()))
         losses, seen = [], 0
         try:
-            for batch_idx in self._batches(self.client_indices[task.client_id], rng):
+            for batch_idx in self._batches(self.client_indices[task.client_id], rng, task.payload.get("max_steps")):
                 seen += len(batch_idx)
                 loss = model(**self.data.batch(batch_idx, rng)).loss
                 reg = self.algorithm.client_regularizer(params, task.params, task.payload)
@@ -85,13 +85,17 @@ class LocalTrainer:
         as the DP-SGD trainer wrap the model and the optimizer here."""
         return self.handle.model, make_optimizer(self.cfg, params), lambda: None
 
-    def _batches(self, idx: np.ndarray, rng: np.random.Generator) -> Any:
+    def _batches(self, idx: np.ndarray, rng: np.random.Generator, cap: Any = None) -> Any:
+        """Batches of local training: ``cfg.epochs`` epochs, at most ``cfg.max_steps`` steps and at
+        most ``cap`` (this round's ``task.payload["max_steps"]``: a straggler's partial work)."""
         steps = 0
         bs = self.cfg.batch_size
+        limit = self.cfg.max_steps if cap is None else int(cap) if self.cfg.max_steps is None \
+            else min(int(cap), self.cfg.max_steps)
         for _ in range(self.cfg.epochs):
             perm = rng.permutation(idx)
             for start in range(0, len(perm), bs):
-                if self.cfg.max_steps is not None and steps >= self.cfg.max_steps:
+                if limit is not None and steps >= limit:
                     return
                 yield perm[start : start + bs]
                 steps += 1

@@ -192,7 +192,7 @@ class VectorizedTrainer(LocalTrainer):
     def _client_stream(self, task: ClientTask) -> Iterator[tuple[np.ndarray, dict[str, torch.Tensor]]]:
         """(indices, batch) per local step, drawn exactly as LocalTrainer.train draws them."""
         rng = np.random.default_rng(task.seed)
-        for idx in self._batches(self.client_indices[task.client_id], rng):
+        for idx in self._batches(self.client_indices[task.client_id], rng, task.payload.get("max_steps")):
             yield idx, self.data.batch(idx, rng)
 
 
