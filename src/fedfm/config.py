@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any, Literal, Optional, Union, get_args
+from typing import Any, Literal, Optional, Sequence, Union, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -34,7 +34,12 @@ class ModelConfig(_Section):
 
 class AdapterConfig(_Section):
     method: Literal["full", "head", "lora", "prompt", "ptuning", "prefix"] = "lora"
-    rank: int = Field(8, ge=1, le=1024)
+    rank: Union[int, list[int], Literal["tiers"]] = 8
+    """LoRA rank: one for every client, one per client (a list as long as federation.clients), or
+    "tiers" (each client's tier's rank, clients.tiers). Heterogeneous ranks are simulated by one
+    model at the largest rank in which a client of rank r trains only the first r components (the
+    rest held at zero, the same scaling alpha / r_max for all, so zero-padding is exact) and sends
+    and receives only those (bytes counted at its rank)."""
     alpha: float = Field(16.0, gt=0)
     dropout: float = Field(0.0, ge=0, lt=1)
     targets: Optional[list[str]] = None
@@ -45,18 +50,47 @@ class AdapterConfig(_Section):
     """prompt/ptuning/prefix: number of virtual prompt tokens."""
     encoder_hidden: int = Field(128, ge=1)
     """ptuning: hidden size of the prompt encoder (the prompt generator)."""
-    aggregation: Literal["naive", "ffa"] = "naive"
+    aggregation: Literal["naive", "ffa", "hetlora", "flexlora"] = "naive"
     """lora: how clients' factors combine (fedfm.adapters.lora_aggregation). naive: FedAvg of A and
-    of B apart (mean(B) @ mean(A) is not the mean update); ffa: FFA-LoRA (Sun et al. 2024), A frozen
-    at its seeded initialization and never sent, only B (and the head) train, so the mean of B @ A
-    is exact."""
+    of B apart (mean(B) @ mean(A) is not the mean update; zero-padded with heterogeneous ranks);
+    ffa: FFA-LoRA (Sun et al. 2024), A frozen at its seeded initialization and never sent, only B
+    (and the head) train, so the mean of B @ A is exact; hetlora: HetLoRA (Cho et al. 2024),
+    zero-padded factors averaged with sparsity weights; flexlora: FlexLoRA (Bai et al. 2024), the
+    exact mean of B_i @ A_i redistributed by truncated SVD at each client's rank."""
+
+    @field_validator("rank")
+    @classmethod
+    def _ranks_positive(cls, v: Any) -> Any:
+        values = v if isinstance(v, list) else [] if v == "tiers" else [v]
+        if isinstance(v, list) and not v:
+            raise ValueError("adapter.rank is an empty list; give one rank per client")
+        bad = [r for r in values if not (isinstance(r, int) and 1 <= r <= 1024)]
+        if bad:
+            raise ValueError(f"adapter.rank values must be integers in 1..1024, got {bad}")
+        return v
 
     @model_validator(mode="after")
     def _aggregation_needs_lora(self) -> "AdapterConfig":
         if self.aggregation != "naive" and self.method != "lora":
             raise ValueError(f"adapter.aggregation={self.aggregation!r} combines LoRA factors; it needs "
                              f"adapter.method='lora' (got {self.method!r})")
+        if self.heterogeneous and self.method != "lora":
+            raise ValueError(f"a per-client adapter.rank ({self.rank!r}) needs adapter.method='lora' "
+                             f"(got {self.method!r})")
+        if self.heterogeneous and self.aggregation == "ffa":
+            raise ValueError("adapter.aggregation='ffa' freezes A at one shared initialization, defined for one "
+                             "rank; with per-client ranks use naive, hetlora or flexlora")
         return self
+
+    @property
+    def heterogeneous(self) -> bool:
+        return self.rank == "tiers" or (isinstance(self.rank, list) and len(set(self.rank)) > 1)
+
+    def max_rank(self, tiers: "Sequence[Any]" = ()) -> int:
+        """The rank the shared model is built at: the largest any client uses."""
+        if self.rank == "tiers":
+            return max(t.rank for t in tiers) if tiers else 8
+        return max(self.rank) if isinstance(self.rank, list) else int(self.rank)
 
 
 class DataConfig(_Section):
@@ -480,6 +514,29 @@ class ExperimentConfig(_Section):
             if self.algorithm.name in ("scaffold", "fednova"):
                 raise ValueError(f"algorithm.name={self.algorithm.name!r} is defined for synchronous rounds; "
                                  "with federation.mode=\"async\" use fedavg, fedprox, fedavgm or the adaptive ones")
+        return self
+
+    @model_validator(mode="after")
+    def _ranks_fit_clients(self) -> "ExperimentConfig":
+        a, n = self.adapter, self.federation.clients
+        if isinstance(a.rank, list) and len(a.rank) != n:
+            raise ValueError(f"adapter.rank lists {len(a.rank)} ranks but federation.clients={n}; give one rank "
+                             "per client, one int for all, or \"tiers\"")
+        if a.rank == "tiers":
+            missing = [i for i, t in enumerate(self.clients.tiers) if t.rank is None]
+            if not self.clients.tiers or missing:
+                raise ValueError("adapter.rank=\"tiers\" takes each client's rank from its tier; set clients.tiers "
+                                 "with a rank in every tier, e.g. [{share = 0.5, speed = 1.0, rank = 16}, "
+                                 "{share = 0.5, speed = 0.25, rank = 4}]")
+        if a.aggregation in ("hetlora", "flexlora") or a.heterogeneous:
+            what = (f"adapter.aggregation={a.aggregation!r}" if a.aggregation in ("hetlora", "flexlora")
+                    else "per-client LoRA ranks")
+            if self.aggregator.name != "mean":
+                raise ValueError(f"{what} combines the clients' factors itself; aggregator.name must be \"mean\" "
+                                 f"(got {self.aggregator.name!r})")
+            if self.secagg.enabled or self.privacy.mechanism == "central":
+                raise ValueError(f"{what} needs each client's factors at the server (sizes differ per rank, "
+                                 "products are not sums); it cannot run under secure aggregation or central DP")
         return self
 
     @model_validator(mode="after")

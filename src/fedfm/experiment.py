@@ -44,7 +44,10 @@ def build_model(cfg: ExperimentConfig, num_labels: int) -> "ModelHandle":
 
     adapter = ADAPTERS.get(cfg.adapter.method)
     model, tok = load_model(cfg.model.name, cfg.task, cfg.seed, num_labels)
-    model = adapter.apply(model, cfg.adapter, resolve(cfg.model.name))
+    settings = cfg.adapter
+    if cfg.adapter.method == "lora" and not isinstance(cfg.adapter.rank, int):  # per-client ranks: build at the largest
+        settings = cfg.adapter.model_copy(update={"rank": cfg.adapter.max_rank(cfg.clients.tiers)})
+    model = adapter.apply(model, settings, resolve(cfg.model.name))
     return ModelHandle.wrap(model, tok)
 
 
@@ -122,7 +125,7 @@ class Experiment:
                          runtime=runtime or inprocess, num_clients=cfg.federation.clients,  # type: ignore[arg-type]
                          clients_per_round=cfg.federation.clients_per_round, seed=cfg.seed, pipeline=pipeline,
                          max_update_norm=cfg.aggregator.reject_norm,
-                         system=build_system(cfg, [len(idx) for idx in data.train]))
+                         system=build_system(cfg, [len(idx) for idx in data.train]), lora=_lora_strategy(cfg, handle))
         central = None
         if data.public is not None:
             central = LocalTrainer(handle, tokens, {SERVER: data.public}, central_config(cfg), _NoRegularizer())
@@ -237,6 +240,18 @@ def _vectorized(cfg: ExperimentConfig, trainer: "LocalTrainer") -> "LocalTrainer
         return trainer
     fields = {f.name: getattr(trainer, f.name) for f in dataclasses.fields(LocalTrainer)}
     return VectorizedTrainer(**fields)
+
+
+def _lora_strategy(cfg: ExperimentConfig, handle: "ModelHandle") -> Any:
+    """The LoRA-aware aggregation that replaces the aggregator (hetlora, flexlora), or None."""
+    if cfg.adapter.method != "lora" or cfg.adapter.aggregation not in ("hetlora", "flexlora"):
+        return None
+    from fedfm.adapters.lora_aggregation import LORA_AGGREGATIONS
+    from fedfm.adapters.ranks import check_rank_fits
+
+    if cfg.adapter.aggregation == "flexlora":
+        check_rank_fits(handle, cfg.adapter.max_rank(cfg.clients.tiers), "flexlora")
+    return LORA_AGGREGATIONS.get(cfg.adapter.aggregation)
 
 
 def central_config(cfg: ExperimentConfig):  # type: ignore[no-untyped-def]  # type: ignore[no-untyped-def]

@@ -53,6 +53,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence
 import numpy as np
 import torch
 
+from fedfm.adapters.ranks import RANK, pad_delta, truncate
 from fedfm.compression import Compressor, Identity, build_compressor, check_payload
 from fedfm.privacy import (Accountant, AdaptiveClip, CentralGaussian, ClipState, LocalGaussian, add_noise, clip,
                            round_event)
@@ -139,6 +140,9 @@ class UpdatePipeline:
     cohort_size: int = 1
     population: int = 1
     seed: int = 0
+    ranks: Optional[tuple[int, ...]] = None
+    """Each client's LoRA rank when they differ (fedfm.adapters.ranks): a client below the model's
+    rank sends the first r components of its factors, which the server pads back."""
 
     @property
     def sampling_rate(self) -> float:
@@ -154,6 +158,13 @@ class UpdatePipeline:
         if self.mechanism == "local":
             extra["participation"] = [0] * self.population
         return extra
+
+    def rank_of(self, client: int) -> Optional[int]:
+        """The client's LoRA rank if it is below the model's (its payloads are truncated), else None."""
+        if self.ranks is None or not 0 <= client < len(self.ranks):
+            return None
+        r = self.ranks[client]
+        return r if r < max(self.ranks) else None
 
     def clip_state(self, extra: Mapping[str, Any]) -> ClipState:
         """This round's clip: the fixed norm, or the adaptive state kept in ``extra``."""
@@ -179,6 +190,8 @@ class UpdatePipeline:
         if not all_finite(delta):
             return ClientOutput(None, dict(state) if state else None, {}, "the trained update has NaN or Inf values")
         metrics: dict[str, float] = {}
+        if RANK in task.payload:  # a lower-rank client sends only the components it holds
+            delta = truncate(delta, int(task.payload[RANK]))
         if self.mechanism == "local":
             # nothing derived from the norm leaves the client: local DP does not trust the server
             delta, _ = LocalGaussian(_clip_of(task), self.noise_multiplier).privatize(
@@ -199,6 +212,10 @@ class UpdatePipeline:
         """``result`` with its payload decoded into a dense update, or with the reason it cannot be."""
         if result.payload is None:
             return result
+        rank = self.rank_of(result.client_id)
+        full = like
+        if rank is not None:
+            like = truncate(like, rank)
         reason = check_payload(self.compressor, result.payload, like)
         if reason is not None:
             return replace(result, error=f"malformed payload: {reason}")
@@ -206,6 +223,8 @@ class UpdatePipeline:
             delta = self.compressor.decode(result.payload, like)
         except (IndexError, RuntimeError, ValueError) as e:
             return replace(result, error=f"malformed payload: it does not decode ({e})")
+        if rank is not None:
+            delta = pad_delta(delta, full, rank)
         n = float(result.metrics.get("num_examples", math.nan))
         update = ModelUpdate(delta=delta, weight=n, num_examples=int(n) if math.isfinite(n) else 0)
         return replace(result, update=update)
@@ -375,7 +394,15 @@ def build_pipeline(cfg: "ExperimentConfig", client_sizes: Optional[Sequence[int]
         accountant=p.accountant, secagg=secagg, dropout=sa.dropout if sa.enabled else 0.0,
         compressor=build_compressor(c.name, c.bits, c.fraction, c.rank, c.error_feedback),
         weighting=cfg.aggregator.weighting, cohort_size=fed.clients_per_round, population=fed.clients, seed=cfg.seed,
+        ranks=_ranks(cfg),
     )
+
+
+def _ranks(cfg: "ExperimentConfig") -> Optional[tuple[int, ...]]:
+    from fedfm.adapters.ranks import client_ranks
+
+    ranks = client_ranks(cfg)
+    return None if ranks is None else tuple(ranks)
 
 
 def planned_rounds(cfg: "ExperimentConfig") -> int:

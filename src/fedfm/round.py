@@ -6,7 +6,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -36,6 +36,9 @@ class RoundPlan:
     pipeline: UpdatePipeline = field(default_factory=UpdatePipeline)
     max_update_norm: Optional[float] = 1e6
     """Updates with a larger L2 norm are rejected as malformed (a sanity bound, not robustness)."""
+    lora: Any = None
+    """A LoRA-aware aggregation (fedfm.adapters.lora_aggregation: hetlora, flexlora) that combines the
+    clients' factors in place of the aggregator; None = the aggregator on the deltas."""
     system: "Optional[SystemPlan]" = None
     """Client speeds, availability, deadline and async mode (fedfm.federation); None = every sampled
     client trains fully and no simulated time is kept."""
@@ -83,7 +86,14 @@ def run_round(
         updates, opt_state = hook([r.update for r in accepted], [r.metrics for r in accepted], opt_state,
                                   plan.num_clients, uniform)
         accepted = [replace(r, update=u) for r, u in zip(accepted, updates)]
-    if accepted:
+    if accepted and plan.lora is not None:  # hetlora, flexlora: the strategy combines the factors
+        from fedfm.adapters.ranks import combine
+        from fedfm.pipeline import Aggregate
+
+        uniform = getattr(plan.aggregator, "weighting", "examples") == "uniform"
+        agg = Aggregate(combine(plan.lora, state.params, [r.update for r in accepted], uniform), dict(state.extra))
+        params, opt_state = plan.algorithm.server_update(state.params, opt_state, agg.delta)
+    elif accepted:
         agg = plan.pipeline.aggregate(accepted, state.extra, rnd, plan.aggregator)
         extra, rejected = agg.extra, rejected + list(agg.dropped)
         if agg.delta is not None:
@@ -115,13 +125,17 @@ def make_tasks(state: ServerState, rnd: int, cohort: Sequence[int], plan: RoundP
     """``caps``: client -> cap on its local steps this round (a straggler's partial work)."""
     from fedfm.federation import MAX_STEPS
 
+    from fedfm.adapters.ranks import RANK
+
     payload = {**plan.algorithm.client_payload(state.opt_state), **plan.pipeline.client_payload(state.extra)}
     caps = caps or {}
-    return [
-        ClientTask(round=rnd, client_id=c, params=state.params, seed=client_seed(plan.seed, rnd, c),
-                   payload=payload if c not in caps else {**payload, MAX_STEPS: caps[c]})
-        for c in cohort
-    ]
+    tasks = []
+    for c in cohort:
+        own = {**({MAX_STEPS: caps[c]} if c in caps else {}),
+               **({RANK: plan.pipeline.rank_of(c)} if plan.pipeline.rank_of(c) is not None else {})}
+        tasks.append(ClientTask(round=rnd, client_id=c, params=state.params, seed=client_seed(plan.seed, rnd, c),
+                                payload={**payload, **own} if own else payload))
+    return tasks
 
 
 def client_seed(seed: int, rnd: int, client: int) -> int:

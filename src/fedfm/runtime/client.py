@@ -77,6 +77,16 @@ def payload_bytes(payload: Mapping[str, Any]) -> int:
                if k != CLIENT_STATE and isinstance(v, Mapping) and v)
 
 
+def download_bytes(task: ClientTask, broadcast: int) -> int:
+    """Bytes a client downloads for ``task``: the broadcast (``broadcast`` bytes encoded), or only
+    the LoRA components a lower-rank client holds, plus the algorithm's tensors."""
+    from fedfm.adapters.ranks import RANK, truncate
+
+    rank = task.payload.get(RANK)
+    own = broadcast if rank is None else wire.encoded_size(truncate(task.params, int(rank)))
+    return own + payload_bytes(task.payload)
+
+
 def train_client(trainer: ClientTrainer, task: ClientTask, pipeline: "UpdatePipeline",
                  state: Optional[NamedTensors] = None) -> ClientReply:
     """Train on ``task``, pass the delta through the client pipeline with the client's ``state``,

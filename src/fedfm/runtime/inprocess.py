@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 from fedfm import wire
 from fedfm.pipeline import UpdatePipeline
-from fedfm.runtime.client import client_step, payload_bytes, with_client_state
+from fedfm.runtime.client import client_step, download_bytes, with_client_state
 from fedfm.trainers.base import ClientTrainer
 from fedfm.trainers.vectorized import VectorizedTrainer
 from fedfm.types import ClientResult, ClientTask, NamedTensors
@@ -47,7 +47,7 @@ class InProcessRuntime:
                 decoded[key] = wire.decode(encoded[key])
             state = self.client_states.get(task.client_id)
             arrived.append((with_client_state(replace(task, params=decoded[key]), self._algorithm, state),
-                            len(encoded[key]) + payload_bytes(task.payload)))
+                            download_bytes(task, len(encoded[key]))))
         group = len(arrived) if isinstance(self.trainer, VectorizedTrainer) else 1
         for start in range(0, len(arrived), group):
             chunk = arrived[start:start + group]

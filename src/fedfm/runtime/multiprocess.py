@@ -77,7 +77,7 @@ from typing import TYPE_CHECKING, Any, Callable, MutableMapping, Optional, Seque
 
 from fedfm import wire
 from fedfm.pipeline import UpdatePipeline
-from fedfm.runtime.client import payload_bytes, result_from_wire, train_client
+from fedfm.runtime.client import download_bytes, result_from_wire, train_client
 from fedfm.trainers.base import ClientTrainer
 from fedfm.types import ClientResult, ClientTask
 
@@ -260,7 +260,7 @@ class MultiProcessRuntime:
                 continue
             i = w.task
             assert i is not None
-            task, down = tasks[i], len(blobs[task_key[i]]) + payload_bytes(tasks[i].payload)
+            task, down = tasks[i], download_bytes(tasks[i], len(blobs[task_key[i]]))
             reply, reason = None, None
             try:
                 if w.conn.poll():  # a reply (even from a worker that exited right after sending)

@@ -40,6 +40,14 @@ class LocalTrainer:
 
     def train(self, task: ClientTask) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
         """Load the task's params, run local steps, return (new params, metrics)."""
+        if "lora_rank" in task.payload:  # a lower-rank client starts (and stays) at zero past its rank
+            from dataclasses import replace
+
+            from fedfm.adapters.ranks import zero_tail_
+
+            start = {k: v.clone() for k, v in task.params.items()}
+            zero_tail_(start, int(task.payload["lora_rank"]))
+            task = replace(task, params=start)
         self.handle.set_params(task.params)
         # dropout masks; the only use of torch's global RNG. The CPU generator alone: torch.manual_seed
         # also seeds every accelerator backend, which costs milliseconds per call even without one.

@@ -128,9 +128,9 @@ class VectorizedTrainer(LocalTrainer):
 
         model = self.handle.model
         names = list(self.handle.trainable)
-        stacked = {k: torch.stack([t.params[k] for t in tasks]).to(self.handle.trainable[k].dtype)
+        stacked = {k: torch.stack([_start(t, k) for t in tasks]).to(self.handle.trainable[k].dtype)
                    .requires_grad_(True) for k in names}
-        anchors = {k: torch.stack([t.params[k] for t in tasks]) for k in names}
+        anchors = {k: torch.stack([_start(t, k) for t in tasks]) for k in names}
         payload = tasks[0].payload
         optimizer = make_optimizer(self.cfg, list(stacked.values()))
         streams = [self._client_stream(t) for t in tasks]
@@ -194,6 +194,20 @@ class VectorizedTrainer(LocalTrainer):
         rng = np.random.default_rng(task.seed)
         for idx in self._batches(self.client_indices[task.client_id], rng, task.payload.get("max_steps")):
             yield idx, self.data.batch(idx, rng)
+
+
+def _start(task: ClientTask, name: str) -> torch.Tensor:
+    """A client's starting value of ``name``: the download, with LoRA components past a lower-rank
+    client's rank at zero (fedfm.adapters.ranks)."""
+    v = task.params[name]
+    rank = task.payload.get("lora_rank")
+    if rank is None:
+        return v
+    from fedfm.adapters.ranks import zero_tail_
+
+    v = v.clone()
+    zero_tail_({name: v}, int(rank))
+    return v
 
 
 class _CannotVectorize(Exception):

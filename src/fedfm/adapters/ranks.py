@@ -1,0 +1,123 @@
+"""Heterogeneous LoRA ranks, simulated on one shared peft model.
+
+The model is built at the largest rank r_max. A client of rank r < r_max:
+
+* receives the first r components of every LoRA pair (A[:r], B[:, :r]; HetLoRA's truncation,
+  and FlexLoRA's, whose global factors are ordered by singular value);
+* trains with the other components held at zero: with A[r:] = 0 and B[:, r:] = 0 their gradients
+  are zero too (dL/dB[:, j] is proportional to A[j] x, dL/dA[j] to B[:, j]), and AdamW, Adam and
+  SGD leave a zero parameter with a zero gradient at zero, so the client's product is exactly a
+  rank-r LoRA product;
+* sends only those r components of its update; the server pads the rest back. The padded delta's
+  tail is minus the global tail: the client's factors zero-padded to r_max, which is what HetLoRA
+  aggregates and what leaves B_i @ A_i unchanged (FlexLoRA).
+
+Every client uses peft's one scaling alpha / r_max, so zero-padding and truncation are exact for
+the applied delta (HetLoRA's paper uses alpha / r_i per client; with one scaling, a client's first
+r components mean the same thing on every client).
+
+Bytes are those of the truncated tensors, down and up. Written by hand: peft has no notion of a
+per-client rank inside one model.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence
+
+import torch
+
+from fedfm.adapters.lora_aggregation import lora_role
+
+if TYPE_CHECKING:
+    from fedfm.config import ExperimentConfig
+
+NamedTensors = Mapping[str, torch.Tensor]
+
+RANK = "lora_rank"
+"""ClientTask.payload key: the client's LoRA rank when below the model's."""
+
+
+def client_ranks(cfg: "ExperimentConfig") -> Optional[list[int]]:
+    """Each client's LoRA rank, or None when every client has the model's rank."""
+    a = cfg.adapter
+    if a.method != "lora" or not a.heterogeneous:
+        return None
+    if a.rank == "tiers":
+        from fedfm.system import assign_tiers
+
+        tiers = cfg.clients.tiers
+        idx = assign_tiers(cfg.federation.clients, [t.share for t in tiers], cfg.seed)
+        return [int(tiers[int(k)].rank) for k in idx]  # type: ignore[arg-type]
+    return [int(r) for r in a.rank]  # type: ignore[union-attr]
+
+
+def _slice(name: str, t: torch.Tensor, r: int) -> torch.Tensor:
+    role = lora_role(name)
+    if role == "A":
+        return t[:r]
+    if role == "B":
+        return t[:, :r]
+    return t
+
+
+def truncate(params: NamedTensors, rank: int) -> dict[str, torch.Tensor]:
+    """The first ``rank`` components of every LoRA factor (views); other tensors as they are."""
+    return {k: _slice(k, v, rank) for k, v in params.items()}
+
+
+def pad_delta(delta: NamedTensors, params: NamedTensors, rank: int) -> dict[str, torch.Tensor]:
+    """A rank-``rank`` client's truncated update -> the full-rank update against ``params``: the
+    components the client does not hold go to zero (their delta is minus the global value)."""
+    out = {}
+    for k, g in params.items():
+        d = delta[k]
+        role = lora_role(k)
+        if role == "A" and d.shape[0] < g.shape[0]:
+            d = torch.cat([d, -g[d.shape[0]:]], dim=0)
+        elif role == "B" and d.shape[1] < g.shape[1]:
+            d = torch.cat([d, -g[:, d.shape[1]:]], dim=1)
+        out[k] = d
+    return out
+
+
+@torch.no_grad()
+def zero_tail_(params: Mapping[str, torch.Tensor], rank: int) -> None:
+    """Hold every LoRA component past ``rank`` at zero, in place (the live model's parameters)."""
+    for k, p in params.items():
+        role = lora_role(k)
+        if role == "A":
+            p[rank:].zero_()
+        elif role == "B":
+            p[:, rank:].zero_()
+
+
+def check_rank_fits(handle: Any, rank: int, method: str) -> None:
+    """FlexLoRA redistributes a truncated SVD of each layer's mean delta: the rank cannot exceed
+    min(out, in) of any wrapped layer.
+
+    Raises:
+        ConfigError: naming the layer, its shape and the rank.
+    """
+    from fedfm.errors import ConfigError
+
+    for name, p in handle.trainable.items():
+        if lora_role(name) == "A":
+            inp = p.shape[1]
+            b = handle.trainable.get(name.replace("lora_A", "lora_B"))
+            out = b.shape[0] if b is not None else inp
+            if rank > min(out, inp):
+                raise ConfigError(f"adapter.aggregation={method!r}: a FlexLoRA rank above the layer's size: rank "
+                                  f"{rank} > min(out, in) = {min(out, inp)} for {name.rsplit('.lora_A', 1)[0]} "
+                                  f"(out={out}, in={inp}); lower adapter.rank")
+
+
+def combine(strategy: Any, params: NamedTensors, updates: Sequence[Any], uniform: bool) -> dict[str, torch.Tensor]:
+    """One round of a LoRA-aware strategy (hetlora, flexlora) as a pseudo-gradient: the clients'
+    trained params (global + delta, full rank, zero-padded) combined by ``strategy``, minus the
+    global params, so any server optimizer applies it (FedAvg with server_lr 1: the new params)."""
+    from fedfm.adapters.lora_aggregation import LoraRound
+
+    clients = [{k: params[k] + u.delta[k] for k in params} for u in updates]
+    weights = None if uniform else [float(u.weight) for u in updates]
+    out = strategy.aggregate(LoraRound(global_params=params, client_params=clients, weights=weights))
+    return {k: out.params[k] - params[k] for k in params}

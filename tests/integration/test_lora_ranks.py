@@ -1,0 +1,141 @@
+"""Heterogeneous LoRA ranks on one shared model (fedfm.adapters.ranks), HetLoRA and FlexLoRA in the round."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from fedfm import wire
+from fedfm.adapters.lora_aggregation import LORA_AGGREGATIONS, LoraRound, lora_role
+from fedfm.adapters.ranks import pad_delta, truncate
+from fedfm.errors import ConfigError
+from fedfm.experiment import Experiment
+from fedfm.round import make_tasks, run_round, sample_cohort
+from fedfm.trainers.local import LocalTrainer
+from fedfm.trainers.vectorized import VectorizedTrainer
+
+RANKS = ["federation.clients=4", "federation.clients_per_round=4", 'adapter.method="lora"',
+         "adapter.rank=[2, 4, 8, 4]", "client.lr=1e-2"]
+
+
+def _factors(params):
+    return {k: v for k, v in params.items() if lora_role(k)}
+
+
+def test_truncate_then_pad_is_the_zero_padded_update():
+    g = torch.Generator().manual_seed(0)
+    glob = {"m.lora_A.default.weight": torch.randn(8, 5, generator=g),
+            "m.lora_B.default.weight": torch.randn(6, 8, generator=g), "head.weight": torch.randn(3, generator=g)}
+    trained = {k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in glob.items()}
+    trained["m.lora_A.default.weight"][3:] = 0
+    trained["m.lora_B.default.weight"][:, 3:] = 0
+    delta = {k: trained[k] - glob[k] for k in glob}
+    sent = truncate(delta, 3)
+    assert sent["m.lora_A.default.weight"].shape == (3, 5) and sent["m.lora_B.default.weight"].shape == (6, 3)
+    back = pad_delta(sent, glob, 3)
+    for k in glob:
+        torch.testing.assert_close(glob[k] + back[k], trained[k], rtol=0, atol=1e-6)
+
+
+def test_lower_rank_client_trains_exactly_its_first_components(tiny_cfg):
+    exp = Experiment.build(tiny_cfg(*RANKS))
+    state = exp.initial_state()
+    # a global model with every component non-zero, as after some rounds
+    g = torch.Generator().manual_seed(1)
+    params = {k: v + 0.05 * torch.randn(v.shape, generator=g) if lora_role(k) else v for k, v in state.params.items()}
+    state = dataclasses.replace(state, params=params)
+    tasks = make_tasks(state, 1, [0, 2], exp.plan)
+    assert tasks[0].payload["lora_rank"] == 2 and "lora_rank" not in tasks[1].payload  # client 2 has r_max = 8
+    (low, m0), (top, m2) = exp.plan.runtime.trainer.train_many(tasks)
+    assert m0["steps"] > 0
+    for k, v in _factors(low).items():
+        tail = v[2:] if lora_role(k) == "A" else v[:, 2:]
+        head = v[:2] if lora_role(k) == "A" else v[:, :2]
+        assert torch.count_nonzero(tail) == 0, k
+        start = params[k][:2] if lora_role(k) == "A" else params[k][:, :2]
+        assert not torch.equal(head, start), k  # it trained
+    assert all(torch.count_nonzero(v) > 0.9 * v.numel() for v in _factors(top).values())
+
+
+def test_bytes_follow_each_clients_rank(tiny_cfg):
+    exp = Experiment.build(tiny_cfg(*RANKS))
+    state = exp.initial_state()
+    results = {}
+    run_round(state, exp.plan, lambda r: results.__setitem__(r.client_id, r))
+    for c, r in [(0, 2), (1, 4), (2, 8), (3, 4)]:
+        payload = results[c].payload
+        for k, v in payload.items():
+            if lora_role(k) == "A":
+                assert v.shape[0] == r
+            elif lora_role(k) == "B":
+                assert v.shape[1] == r
+        assert results[c].bytes_up == wire.encoded_size(payload)
+        assert results[c].bytes_down == wire.encoded_size(truncate(state.params, r))
+    assert results[0].bytes_up < results[1].bytes_up < results[2].bytes_up
+
+
+@pytest.mark.parametrize("method", ["hetlora", "flexlora", "naive"])
+def test_round_applies_the_strategy_to_zero_padded_factors(tiny_cfg, method):
+    """The new global params are the strategy's output on each client's zero-padded trained factors."""
+    exp = Experiment.build(tiny_cfg(*RANKS, f'adapter.aggregation="{method}"'))
+    state = exp.initial_state()
+    results = {}
+    new, _ = run_round(state, exp.plan, lambda r: results.__setitem__(r.client_id, r))
+    cohort = sample_cohort(exp.cfg.seed, 1, 4, 4)
+    clients, weights = [], []
+    for c in cohort:
+        r = exp.plan.pipeline.rank_of(c)
+        sent = exp.plan.pipeline.receive(results[c], state.params).update
+        clients.append({k: state.params[k] + sent.delta[k] for k in state.params})
+        weights.append(sent.weight)
+        if r is not None:  # the padded client holds zeros past its rank
+            for k, v in _factors(clients[-1]).items():
+                assert torch.count_nonzero(v[r:] if lora_role(k) == "A" else v[:, r:]) == 0
+    expect = LORA_AGGREGATIONS.get(method).aggregate(LoraRound(state.params, clients, weights)).params
+    for k in state.params:
+        torch.testing.assert_close(new.params[k], expect[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_vectorised_clients_agree_with_heterogeneous_ranks(tiny_cfg):
+    exp = Experiment.build(tiny_cfg(*RANKS, "adapter.dropout=0.0"))
+    for m in exp.handle.model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    trainer = exp.plan.runtime.trainer
+    vec = VectorizedTrainer(**{f.name: getattr(trainer, f.name) for f in dataclasses.fields(LocalTrainer)})
+    tasks = make_tasks(exp.initial_state(), 1, [0, 1, 2, 3], exp.plan)
+    seq, together = trainer.train_many(tasks), vec.train_many(tasks)
+    assert vec.fallback_reason is None
+    for (p1, _), (p2, _) in zip(seq, together):
+        for k in p1:
+            torch.testing.assert_close(p2[k], p1[k], atol=2e-5, rtol=1e-4, msg=k)
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (["adapter.rank=[2, 4]"], "2 ranks but federation.clients=4"),
+    (['adapter.rank="tiers"'], "clients.tiers"),
+    (['adapter.aggregation="ffa"'], "ffa"),
+    (['adapter.aggregation="hetlora"', 'aggregator.name="median"'], "mean"),
+    (['adapter.aggregation="flexlora"', "secagg.enabled=true"], "secure aggregation"),
+])
+def test_bad_rank_settings_refused_at_load(tiny_cfg, overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        tiny_cfg(*RANKS, *overrides)
+
+
+def test_flexlora_rank_above_a_layer_is_refused(tiny_cfg):
+    # tiny-bert's attention layers are 64 x 64: rank 80 cannot be redistributed by a truncated SVD
+    with pytest.raises(ConfigError, match="above the layer's size"):
+        Experiment.build(tiny_cfg('adapter.method="lora"', "adapter.rank=80", 'adapter.aggregation="flexlora"'))
+
+
+def test_tiers_give_ranks_and_speeds(tiny_cfg):
+    cfg = tiny_cfg(*RANKS[:3], 'adapter.rank="tiers"', 'clients.speed="tiers"',
+                   "clients.tiers=[{share = 0.5, speed = 1.0, rank = 8}, {share = 0.5, speed = 0.25, rank = 2}]")
+    exp = Experiment.build(cfg)
+    ranks = exp.plan.pipeline.ranks
+    speeds = exp.plan.system.profile.speed
+    assert sorted(ranks) == [2, 2, 8, 8]
+    assert all((r == 8) == (s == 1.0) for r, s in zip(ranks, speeds))
