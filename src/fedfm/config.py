@@ -50,13 +50,14 @@ class AdapterConfig(_Section):
     """prompt/ptuning/prefix: number of virtual prompt tokens."""
     encoder_hidden: int = Field(128, ge=1)
     """ptuning: hidden size of the prompt encoder (the prompt generator)."""
-    aggregation: Literal["naive", "ffa", "hetlora", "flexlora"] = "naive"
+    aggregation: Literal["naive", "ffa", "fedsa", "hetlora", "flexlora"] = "naive"
     """lora: how clients' factors combine (fedfm.adapters.lora_aggregation). naive: FedAvg of A and
     of B apart (mean(B) @ mean(A) is not the mean update; zero-padded with heterogeneous ranks);
     ffa: FFA-LoRA (Sun et al. 2024), A frozen at its seeded initialization and never sent, only B
     (and the head) train, so the mean of B @ A is exact; hetlora: HetLoRA (Cho et al. 2024),
     zero-padded factors averaged with sparsity weights; flexlora: FlexLoRA (Bai et al. 2024), the
-    exact mean of B_i @ A_i redistributed by truncated SVD at each client's rank."""
+    exact mean of B_i @ A_i redistributed by truncated SVD at each client's rank; fedsa: FedSA-LoRA
+    (Guo et al. 2025), A shared and averaged, B kept by each client (evaluated per client)."""
 
     @field_validator("rank")
     @classmethod
@@ -215,6 +216,23 @@ class TierConfig(_Section):
     """Relative compute speed (1.0 takes clients.step_s simulated seconds per local step)."""
     rank: Optional[int] = Field(None, ge=1)
     """LoRA rank of this tier's clients (with adapter.rank = "tiers")."""
+
+
+class PersonalizationConfig(_Section):
+    """A model of each client's own (fedfm.personalization); evaluated on each client's held-out data."""
+
+    method: Literal["none", "fedper", "fedrep", "ditto", "personal-lora"] = "none"
+    """fedper/fedrep: the task head stays local (fedrep trains it first, then the body); ditto: a
+    personal copy of the model pulled toward the global one; personal-lora: a second, personal
+    LoRA adapter beside the shared one."""
+    head_steps: int = Field(5, ge=1)
+    """fedrep: local steps on the head alone before the body's steps."""
+    lam: float = Field(0.1, ge=0)
+    """ditto: weight of the proximal term lam/2 ||v - w||^2."""
+    personal_steps: Optional[int] = Field(None, ge=1)
+    """ditto: steps on the personal model per round (None = as many as on the global model)."""
+    rank: int = Field(4, ge=1, le=1024)
+    """personal-lora: rank of the personal adapter."""
 
 
 class ClientsConfig(_Section):
@@ -492,6 +510,38 @@ class ExperimentConfig(_Section):
     secagg: SecureAggConfig = SecureAggConfig()
     compression: CompressionConfig = CompressionConfig()
     clients: ClientsConfig = ClientsConfig()
+    personalization: PersonalizationConfig = PersonalizationConfig()
+
+    @model_validator(mode="after")
+    def _personalization_fits(self) -> "ExperimentConfig":
+        m = self.personalization.method
+        fedsa = self.adapter.method == "lora" and self.adapter.aggregation == "fedsa"
+        if m == "none" and not fedsa:
+            return self
+        what = f"personalization.method={m!r}" if m != "none" else "adapter.aggregation='fedsa'"
+        if m != "none" and fedsa:
+            raise ValueError(f"adapter.aggregation='fedsa' already keeps lora_B personal; combine it with "
+                             f"personalization.method='none' (got {m!r})")
+        if self.task != "classify":
+            raise ValueError(f"{what} evaluates each client's model on its held-out labelled data; task must be "
+                             f"'classify' (got {self.task!r})")
+        if m in ("fedper", "fedrep") and (self.adapter.method not in ("lora", "full") or not self.adapter.train_head):
+            raise ValueError(f"{what} keeps the task head local; it needs a trained head beside a shared body: "
+                             "adapter.method 'lora' (with adapter.train_head = true) or 'full'")
+        if m == "personal-lora" and self.adapter.method != "lora":
+            raise ValueError(f"{what} adds a personal LoRA adapter beside the shared one; adapter.method must be "
+                             f"'lora' (got {self.adapter.method!r})")
+        if self.schedule.central_steps > 0 or self.paradigm in ("central", "pooled"):
+            raise ValueError(f"{what} personalizes federated clients; drop the central phases "
+                             "(schedule.central_steps = 0, paradigm 'fl' or 'ffm')")
+        if self.privacy.mechanism != "none" or self.secagg.enabled:
+            raise ValueError(f"{what} is not combined with privacy mechanisms or secure aggregation here")
+        if self.federation.mode == "async" or self.adapter.heterogeneous:
+            raise ValueError(f"{what} runs with synchronous rounds and one LoRA rank")
+        if self.runtime.name != "inprocess":
+            raise ValueError(f"{what} keeps personal parameters in the simulator's client state; "
+                             "runtime.name must be 'inprocess'")
+        return self
 
     @model_validator(mode="after")
     def _system_fits(self) -> "ExperimentConfig":

@@ -48,6 +48,12 @@ def build_model(cfg: ExperimentConfig, num_labels: int) -> "ModelHandle":
     if cfg.adapter.method == "lora" and not isinstance(cfg.adapter.rank, int):  # per-client ranks: build at the largest
         settings = cfg.adapter.model_copy(update={"rank": cfg.adapter.max_rank(cfg.clients.tiers)})
     model = adapter.apply(model, settings, resolve(cfg.model.name))
+    if cfg.personalization.method == "personal-lora":
+        from fedfm.personalization import add_personal_adapter
+
+        p = cfg.personalization
+        model = add_personal_adapter(model, p.rank, cfg.adapter.alpha,
+                                     cfg.adapter.targets or list(resolve(cfg.model.name).lora_targets))
     return ModelHandle.wrap(model, tok)
 
 
@@ -140,10 +146,26 @@ class Experiment:
             if close is not None:
                 close()
 
+    @property
+    def personal(self) -> Any:
+        """The personalization (fedfm.personalization), None without one."""
+        return getattr(self.plan.runtime, "trainer", None) and getattr(self.plan.runtime.trainer, "personal", None)
+
+    def load_global(self, params: NamedTensors) -> None:
+        """Put the global params in the model (with personalization: the shared part, and the
+        initial personal values for the rest)."""
+        pers = self.personal
+        if pers is None:
+            self.handle.set_params(params)
+        else:
+            self.handle.set_params({**pers.initial, **params}, partial=True)
+
     def initial_state(self) -> ServerState:
         from fedfm.types import ServerState
 
         params = self.handle.get_params()
+        if self.personal is not None:  # personal parameters never reach the server
+            params = {k: params[k] for k in self.personal.shared_names(self.handle)}
         return ServerState(round=0, params=params, opt_state=self.plan.algorithm.init_state(params),
                            extra=self.plan.pipeline.initial_extra())
 
@@ -156,15 +178,21 @@ class Experiment:
         val = self.data.val_all
         if not len(val):
             return None
-        self.handle.set_params(params)
+        self.load_global(params)
         return float(evaluate(self.handle, self.tokens, val, self.cfg.eval.batch_size)["loss"])
 
     def evaluate(self, params: NamedTensors) -> dict:
         """Global-model metrics on the test set, and per-client accuracy when configured."""
         from fedfm.evaluate import evaluate
 
-        self.handle.set_params(params)
         bs = self.cfg.eval.batch_size
+        if self.personal is not None:
+            from fedfm.personalization import evaluate_personal
+            from fedfm.runtime.client import split_state
+
+            return evaluate_personal(self.handle, self.tokens, self.data.local_test, self.client_states or {}, params,
+                                     self.personal, bs, lambda state: split_state(state)[2])
+        self.handle.set_params(params)
         out: dict = evaluate(self.handle, self.tokens, self.data.test, bs)
         if self.data.local_test is not None:
             per = [evaluate(self.handle, self.tokens, idx, bs)["accuracy"] if len(idx) else float("nan")
@@ -217,6 +245,9 @@ def build_client_side(cfg: ExperimentConfig) -> "tuple[DataRoles, ModelHandle, A
                                              noise_multiplier=z, max_grad_norm=cfg.privacy.clip)
     else:
         trainer = LocalTrainer(handle, pool, clients, cfg.client, algorithm, attack)
+    from fedfm.personalization import build_personalization
+
+    trainer.personal = build_personalization(cfg, handle)
     if cfg.runtime.name == "inprocess" and cfg.runtime.vectorize is not False:
         trainer = _vectorized(cfg, trainer)
     return data, handle, tokens, trainer

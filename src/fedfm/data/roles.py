@@ -86,7 +86,7 @@ def prepare_roles(cfg: "ExperimentConfig") -> DataRoles:
     clients = [train[p] for p in partition(pool.labels[train], groups, cfg.federation.clients, seed, cfg.partition)]
     clients, val = _hold_out(clients, cfg.val_fraction, seed, 0x7A1)
     local_test = None
-    if cfg.eval.per_client:
+    if cfg.eval.per_client or cfg.personalization.method != "none" or cfg.adapter.aggregation == "fedsa":
         clients, local_test = _hold_out(clients, cfg.eval.client_test_fraction, seed, 0x10CA)
     return DataRoles(pool=pool, train=clients, val=val, local_test=local_test, test=test, public=public)
 

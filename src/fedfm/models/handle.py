@@ -34,9 +34,14 @@ class ModelHandle:
         """A detached copy of the trainable parameters."""
         return {n: p.detach().clone() for n, p in self.trainable.items()}
 
-    def set_params(self, params: NamedTensors) -> None:
-        """Load communicated parameters into the shared model (names and shapes must match)."""
+    def set_params(self, params: NamedTensors, partial: bool = False) -> None:
+        """Load communicated parameters into the shared model (names and shapes must match; with
+        ``partial``, only the names given, e.g. the shared part of a personalized model)."""
         with torch.no_grad():
+            if partial:
+                for n, v in params.items():
+                    self.trainable[n].copy_(v)
+                return
             for n, p in self.trainable.items():
                 p.copy_(params[n])
 

@@ -40,32 +40,50 @@ class ClientReply:
 
 
 ALGORITHM_STATE = "algo/"
-"""Prefix of the algorithm's keys in a client's state (SCAFFOLD's c_i); the other keys are the
-update pipeline's (error-feedback residuals)."""
+"""Prefix of the algorithm's keys in a client's state (SCAFFOLD's c_i). Personal parameters
+(fedfm.personalization) are under ``personal/``; the other keys are the update pipeline's
+(error-feedback residuals)."""
+PERSONAL_STATE = "personal/"
 
 
-def split_state(state: Optional[NamedTensors]) -> "tuple[Optional[dict[str, torch.Tensor]], dict[str, torch.Tensor]]":
-    """A client's state -> (its pipeline part or None, its algorithm part without the prefix)."""
+def split_state(state: Optional[NamedTensors]
+                ) -> "tuple[Optional[dict[str, torch.Tensor]], dict[str, torch.Tensor], dict[str, torch.Tensor]]":
+    """A client's state -> (its pipeline part or None, its algorithm part, its personal
+    parameters), the last two without their prefixes."""
     if not state:
-        return None, {}
-    n = len(ALGORITHM_STATE)
-    pipe = {k: v for k, v in state.items() if not k.startswith(ALGORITHM_STATE)}
-    return pipe or None, {k[n:]: v for k, v in state.items() if k.startswith(ALGORITHM_STATE)}
+        return None, {}, {}
+    pipe, algo, personal = {}, {}, {}
+    for k, v in state.items():
+        if k.startswith(ALGORITHM_STATE):
+            algo[k[len(ALGORITHM_STATE):]] = v
+        elif k.startswith(PERSONAL_STATE):
+            personal[k[len(PERSONAL_STATE):]] = v
+        else:
+            pipe[k] = v
+    return pipe or None, algo, personal
 
 
-def merge_state(pipe: Optional[NamedTensors], algo: Optional[NamedTensors]) -> "Optional[dict[str, torch.Tensor]]":
-    out = {**(pipe or {}), **{ALGORITHM_STATE + k: v for k, v in (algo or {}).items()}}
+def merge_state(pipe: Optional[NamedTensors], algo: Optional[NamedTensors],
+                personal: Optional[NamedTensors] = None) -> "Optional[dict[str, torch.Tensor]]":
+    out = {**(pipe or {}), **{ALGORITHM_STATE + k: v for k, v in (algo or {}).items()},
+           **{PERSONAL_STATE + k: v for k, v in (personal or {}).items()}}
     return out or None
 
 
-def with_client_state(task: ClientTask, algorithm: Any, state: Optional[NamedTensors]) -> ClientTask:
-    """``task`` as the client's trainer sees it: with the client's own algorithm state in its
-    payload (under CLIENT_STATE) when the algorithm keeps one; ``task`` itself otherwise."""
+def with_client_state(task: ClientTask, trainer: Any, state: Optional[NamedTensors]) -> ClientTask:
+    """``task`` as the client's trainer sees it: with the client's own algorithm state (under
+    CLIENT_STATE) and personal parameters (under fedfm.personalization.PERSONAL) in its payload,
+    when the algorithm or the trainer keeps them; ``task`` itself otherwise."""
     from fedfm.algorithms.base import CLIENT_STATE, has_client_state
+    from fedfm.personalization import PERSONAL
 
-    if not has_client_state(algorithm):
+    algorithm = getattr(trainer, "algorithm", None)
+    stateful, personal = has_client_state(algorithm), getattr(trainer, "personal", None) is not None
+    if not (stateful or personal):
         return task
-    return replace(task, payload={**task.payload, CLIENT_STATE: split_state(state)[1]})
+    _, algo, own = split_state(state)
+    extra = {**({CLIENT_STATE: algo} if stateful else {}), **({PERSONAL: own} if personal else {})}
+    return replace(task, payload={**task.payload, **extra})
 
 
 def payload_bytes(payload: Mapping[str, Any]) -> int:
@@ -91,10 +109,9 @@ def train_client(trainer: ClientTrainer, task: ClientTask, pipeline: "UpdatePipe
                  state: Optional[NamedTensors] = None) -> ClientReply:
     """Train on ``task``, pass the delta through the client pipeline with the client's ``state``,
     and encode the payload."""
-    algorithm = getattr(trainer, "algorithm", None)
-    task = with_client_state(task, algorithm, state)
+    task = with_client_state(task, trainer, state)
     (trained, metrics), = trainer.train_many([task])
-    return client_reply(task, trained, metrics, pipeline, state, algorithm)
+    return client_reply(task, trained, metrics, pipeline, state, getattr(trainer, "algorithm", None))
 
 
 def client_step(task: ClientTask, trained: NamedTensors, pipeline: "UpdatePipeline",
@@ -103,12 +120,14 @@ def client_step(task: ClientTask, trained: NamedTensors, pipeline: "UpdatePipeli
     pipeline with its part of ``state``, and the algorithm's new client state."""
     from fedfm.algorithms.base import has_client_state
 
-    delta = sub(trained, task.params)
-    pipe, algo = split_state(state)
+    n = len(PERSONAL_STATE)
+    personal = {k[n:]: v for k, v in trained.items() if k.startswith(PERSONAL_STATE)}
+    delta = sub({k: trained[k] for k in task.params}, task.params)
+    pipe, algo, own = split_state(state)
     out = pipeline.client_step(delta, task, pipe)
     if has_client_state(algorithm):
         algo = algorithm.client_finish(task, delta, metrics) or {}
-    return out, merge_state(out.state, algo)
+    return out, merge_state(out.state, algo, personal or own)
 
 
 def client_reply(task: ClientTask, trained: NamedTensors, metrics: Mapping[str, float], pipeline: "UpdatePipeline",

@@ -46,7 +46,7 @@ class InProcessRuntime:
                 encoded[key] = wire.encode(task.params)
                 decoded[key] = wire.decode(encoded[key])
             state = self.client_states.get(task.client_id)
-            arrived.append((with_client_state(replace(task, params=decoded[key]), self._algorithm, state),
+            arrived.append((with_client_state(replace(task, params=decoded[key]), self.trainer, state),
                             download_bytes(task, len(encoded[key]))))
         group = len(arrived) if isinstance(self.trainer, VectorizedTrainer) else 1
         for start in range(0, len(arrived), group):

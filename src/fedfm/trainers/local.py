@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -34,6 +34,9 @@ class LocalTrainer:
     attack: Any = None
     """A simulated attack (fedfm.attacks.Attack) rewriting malicious clients' updates, or None.
     Applied here, before the update pipeline clips, noises and compresses it."""
+    personal: Any = None
+    """fedfm.personalization.Personalization when part of the model stays with each client: it
+    runs the local training and returns the personal values beside the shared params."""
 
     def train_many(self, tasks: Sequence[ClientTask]) -> list[tuple[dict[str, torch.Tensor], dict[str, float]]]:
         return [self.train(t) for t in tasks]
@@ -48,34 +51,60 @@ class LocalTrainer:
             start = {k: v.clone() for k, v in task.params.items()}
             zero_tail_(start, int(task.payload["lora_rank"]))
             task = replace(task, params=start)
-        self.handle.set_params(task.params)
-        # dropout masks; the only use of torch's global RNG. The CPU generator alone: torch.manual_seed
-        # also seeds every accelerator backend, which costs milliseconds per call even without one.
-        torch.default_generator.manual_seed(task.seed)
-        rng = np.random.default_rng(task.seed)
+        if self.personal is not None:
+            trained, metrics = self.personal.train(self, task)
+        else:
+            self.handle.set_params(task.params)
+            # dropout masks; the only use of torch's global RNG. The CPU generator alone: torch.manual_seed
+            # also seeds every accelerator backend, which costs milliseconds per call even without one.
+            torch.default_generator.manual_seed(task.seed)
+            rng = np.random.default_rng(task.seed)
+            losses, seen = self.fit(task, rng, list(self.handle.trainable))
+            n = len(self.client_indices[task.client_id])
+            metrics = {"train_loss": float(np.mean(losses)) if losses else float("nan"),
+                       "steps": float(len(losses)), "num_examples": float(n), "examples_seen": float(seen)}
+            trained = self.handle.get_params()
+        shared = {k: trained[k] for k in task.params}
+        kept = {k: v for k, v in trained.items() if k not in task.params}  # personal values (fedfm.personalization)
+        return {**self._after_training(task, shared), **kept}, metrics
+
+    def fit(self, task: ClientTask, rng: np.random.Generator, names: Sequence[str], steps: Optional[int] = None,
+            extra_loss: Optional[Callable[[Mapping[str, torch.Tensor]], torch.Tensor]] = None,
+            regularize: bool = True) -> tuple[list[float], int]:
+        """Local steps on the client's data updating the trainable parameters ``names`` (the others
+        held fixed), from the model's current values; returns (losses, examples seen). ``steps``:
+        exactly this many steps (as many epochs as it takes) instead of client.epochs/max_steps;
+        ``extra_loss`` is added to the loss (Ditto's proximal term); ``regularize`` adds the
+        algorithm's client regularizer (FedProx, SCAFFOLD). A deadline's cap applies either way."""
         params = self.handle.trainable
+        train = {k: params[k] for k in names}
+        fixed = [p for k, p in params.items() if k not in train]
+        for p in fixed:
+            p.requires_grad_(False)
         self.handle.model.train()
-        model, optimizer, release = self._prepare(task, list(params.values()))
+        model, optimizer, release = self._prepare(task, list(train.values()))
         losses, seen = [], 0
         try:
-            for batch_idx in self._batches(self.client_indices[task.client_id], rng, task.payload.get("max_steps")):
+            for batch_idx in self._batches(self.client_indices[task.client_id], rng, task.payload.get("max_steps"),
+                                           steps):
                 seen += len(batch_idx)
                 loss = model(**self.data.batch(batch_idx, rng)).loss
-                reg = self.algorithm.client_regularizer(params, task.params, task.payload)
+                reg = self.algorithm.client_regularizer(params, task.params, task.payload) if regularize else None
                 if reg is not None:
                     loss = loss + reg
+                if extra_loss is not None:
+                    loss = loss + extra_loss(params)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if self.cfg.grad_clip is not None:
-                    torch.nn.utils.clip_grad_norm_(params.values(), self.cfg.grad_clip)
+                    torch.nn.utils.clip_grad_norm_(train.values(), self.cfg.grad_clip)
                 optimizer.step()
                 losses.append(float(loss.detach()))
         finally:
             release()
-        n = len(self.client_indices[task.client_id])
-        metrics = {"train_loss": float(np.mean(losses)) if losses else float("nan"),
-                   "steps": float(len(losses)), "num_examples": float(n), "examples_seen": float(seen)}
-        return self._after_training(task, self.handle.get_params()), metrics
+            for p in fixed:
+                p.requires_grad_(True)
+        return losses, seen
 
     def _after_training(self, task: ClientTask, trained: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The trained params as the client hands them on: a simulated malicious client rewrites
@@ -93,14 +122,18 @@ class LocalTrainer:
         as the DP-SGD trainer wrap the model and the optimizer here."""
         return self.handle.model, make_optimizer(self.cfg, params), lambda: None
 
-    def _batches(self, idx: np.ndarray, rng: np.random.Generator, cap: Any = None) -> Any:
-        """Batches of local training: ``cfg.epochs`` epochs, at most ``cfg.max_steps`` steps and at
-        most ``cap`` (this round's ``task.payload["max_steps"]``: a straggler's partial work)."""
+    def _batches(self, idx: np.ndarray, rng: np.random.Generator, cap: Any = None, exact: Optional[int] = None) -> Any:
+        """Batches of local training: ``cfg.epochs`` epochs, at most ``cfg.max_steps`` steps (or
+        exactly ``exact`` steps over as many epochs as needed), and at most ``cap`` (this round's
+        ``task.payload["max_steps"]``: a straggler's partial work)."""
         steps = 0
         bs = self.cfg.batch_size
-        limit = self.cfg.max_steps if cap is None else int(cap) if self.cfg.max_steps is None \
-            else min(int(cap), self.cfg.max_steps)
-        for _ in range(self.cfg.epochs):
+        limit, epochs = (self.cfg.max_steps, self.cfg.epochs) if exact is None else (exact, 10**9)
+        if cap is not None:
+            limit = int(cap) if limit is None else min(int(cap), limit)
+        if len(idx) == 0:
+            return
+        for _ in range(epochs):
             perm = rng.permutation(idx)
             for start in range(0, len(perm), bs):
                 if limit is not None and steps >= limit:

@@ -86,6 +86,9 @@ def _blocker(trainer: LocalTrainer, clients_per_round: int) -> Optional[str]:
         return "one client per round: nothing to batch"
     from fedfm.algorithms.base import has_client_state
 
+    if trainer.personal is not None:
+        return (f"personalization {trainer.personal.method!r} trains personal parameters per client, which one "
+                "batched call does not carry")
     if has_client_state(trainer.algorithm):
         return (f"{type(trainer.algorithm).__name__} corrects each client's steps with the client's own state "
                 "(a per-client payload), which one batched call does not carry")
