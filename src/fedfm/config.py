@@ -50,14 +50,17 @@ class AdapterConfig(_Section):
     """prompt/ptuning/prefix: number of virtual prompt tokens."""
     encoder_hidden: int = Field(128, ge=1)
     """ptuning: hidden size of the prompt encoder (the prompt generator)."""
-    aggregation: Literal["naive", "ffa", "fedsa", "hetlora", "flexlora"] = "naive"
+    aggregation: Literal["naive", "ffa", "fedsa", "flora", "hetlora", "flexlora"] = "naive"
     """lora: how clients' factors combine (fedfm.adapters.lora_aggregation). naive: FedAvg of A and
     of B apart (mean(B) @ mean(A) is not the mean update; zero-padded with heterogeneous ranks);
     ffa: FFA-LoRA (Sun et al. 2024), A frozen at its seeded initialization and never sent, only B
     (and the head) train, so the mean of B @ A is exact; hetlora: HetLoRA (Cho et al. 2024),
     zero-padded factors averaged with sparsity weights; flexlora: FlexLoRA (Bai et al. 2024), the
     exact mean of B_i @ A_i redistributed by truncated SVD at each client's rank; fedsa: FedSA-LoRA
-    (Guo et al. 2025), A shared and averaged, B kept by each client (evaluated per client)."""
+    (Guo et al. 2025), A shared and averaged, B kept by each client (evaluated per client); flora:
+    FLoRA (Wang et al. 2024), the clients' factors stacked so their sum is exact, merged into the
+    frozen base weights, fresh factors every round (clients download the stack: bytes grow with the
+    cohort)."""
 
     @field_validator("rank")
     @classmethod
@@ -578,8 +581,16 @@ class ExperimentConfig(_Section):
                 raise ValueError("adapter.rank=\"tiers\" takes each client's rank from its tier; set clients.tiers "
                                  "with a rank in every tier, e.g. [{share = 0.5, speed = 1.0, rank = 16}, "
                                  "{share = 0.5, speed = 0.25, rank = 4}]")
-        if a.aggregation in ("hetlora", "flexlora") or a.heterogeneous:
-            what = (f"adapter.aggregation={a.aggregation!r}" if a.aggregation in ("hetlora", "flexlora")
+        if a.method == "lora" and a.aggregation == "flora":
+            if self.algorithm.name not in ("fedavg", "fedprox"):
+                raise ValueError(f"adapter.aggregation='flora' re-initializes the factors every round, which a server "
+                                 f"optimizer's state cannot follow; algorithm.name must be fedavg or fedprox "
+                                 f"(got {self.algorithm.name!r})")
+            if self.runtime.name != "inprocess":
+                raise ValueError("adapter.aggregation='flora' merges into the frozen base model the simulator shares; "
+                                 "runtime.name must be 'inprocess'")
+        if a.aggregation in ("hetlora", "flexlora", "flora") or a.heterogeneous:
+            what = (f"adapter.aggregation={a.aggregation!r}" if a.aggregation in ("hetlora", "flexlora", "flora")
                     else "per-client LoRA ranks")
             if self.aggregator.name != "mean":
                 raise ValueError(f"{what} combines the clients' factors itself; aggregator.name must be \"mean\" "

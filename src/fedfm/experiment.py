@@ -107,6 +107,7 @@ class Experiment:
     def build(cls, cfg: ExperimentConfig, runtime: Optional["Runtime"] = None) -> "Experiment":
         """Build everything; ``runtime`` replaces the in-process runtime (e.g. Flower's)."""
         from fedfm.aggregators import build_aggregator
+        from fedfm.adapters.ranks import BaseMerger
         from fedfm.federation import build_system
         from fedfm.pipeline import build_pipeline
         from fedfm.round import RoundPlan
@@ -131,7 +132,9 @@ class Experiment:
                          runtime=runtime or inprocess, num_clients=cfg.federation.clients,  # type: ignore[arg-type]
                          clients_per_round=cfg.federation.clients_per_round, seed=cfg.seed, pipeline=pipeline,
                          max_update_norm=cfg.aggregator.reject_norm,
-                         system=build_system(cfg, [len(idx) for idx in data.train]), lora=_lora_strategy(cfg, handle))
+                         system=build_system(cfg, [len(idx) for idx in data.train]), lora=_lora_strategy(cfg, handle),
+                         lora_scaling=cfg.adapter.alpha / cfg.adapter.max_rank(cfg.clients.tiers),
+                         merge_base=BaseMerger(handle.model))
         central = None
         if data.public is not None:
             central = LocalTrainer(handle, tokens, {SERVER: data.public}, central_config(cfg), _NoRegularizer())
@@ -159,6 +162,14 @@ class Experiment:
             self.handle.set_params(params)
         else:
             self.handle.set_params({**pers.initial, **params}, partial=True)
+
+    def restore(self, state: ServerState) -> None:
+        """Bring the shared model in line with a loaded checkpoint: FLoRA's merged base weights."""
+        from fedfm.adapters.ranks import MERGED
+
+        merged = {k[len(MERGED):]: v for k, v in state.opt_state.items() if k.startswith(MERGED)}
+        if merged and self.plan.merge_base is not None:
+            self.plan.merge_base(merged)
 
     def initial_state(self) -> ServerState:
         from fedfm.types import ServerState
@@ -198,6 +209,9 @@ class Experiment:
             per = [evaluate(self.handle, self.tokens, idx, bs)["accuracy"] if len(idx) else float("nan")
                    for idx in self.data.local_test]
             out["client_accuracy"] = per
+            sizes = [len(idx) for idx in self.data.local_test]
+            # pooled: the accuracy on the union of the clients' held-out data
+            out["local_accuracy"] = float(sum(a * n for a, n in zip(per, sizes) if n) / max(sum(sizes), 1))
             finite = [a for a in per if a == a]
             out["client_accuracy_mean"] = float(np.mean(finite)) if finite else float("nan")
             out["client_accuracy_min"] = float(np.min(finite)) if finite else float("nan")
@@ -275,7 +289,7 @@ def _vectorized(cfg: ExperimentConfig, trainer: "LocalTrainer") -> "LocalTrainer
 
 def _lora_strategy(cfg: ExperimentConfig, handle: "ModelHandle") -> Any:
     """The LoRA-aware aggregation that replaces the aggregator (hetlora, flexlora), or None."""
-    if cfg.adapter.method != "lora" or cfg.adapter.aggregation not in ("hetlora", "flexlora"):
+    if cfg.adapter.method != "lora" or cfg.adapter.aggregation not in ("hetlora", "flexlora", "flora"):
         return None
     from fedfm.adapters.lora_aggregation import LORA_AGGREGATIONS
     from fedfm.adapters.ranks import check_rank_fits

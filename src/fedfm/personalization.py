@@ -200,6 +200,7 @@ def evaluate_personal(handle: "ModelHandle", tokens: Any, local_test: list, stat
     handle.set_params({**shared, **pers.initial}, partial=True)
     w = np.asarray(sizes, dtype=float) / max(sum(sizes), 1)
     acc = [a for a in per if a == a]
-    return {"accuracy": float(np.dot(w, acc)), "loss": float(np.dot(w, losses)), "f1": float(np.dot(w, f1s)),
+    pooled = float(np.dot(w, acc))
+    return {"accuracy": pooled, "local_accuracy": pooled, "loss": float(np.dot(w, losses)), "f1": float(np.dot(w, f1s)),
             "client_accuracy": per, "client_accuracy_mean": float(np.mean(acc)) if acc else float("nan"),
             "client_accuracy_min": float(np.min(acc)) if acc else float("nan"), "personalized": True}

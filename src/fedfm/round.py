@@ -39,6 +39,11 @@ class RoundPlan:
     lora: Any = None
     """A LoRA-aware aggregation (fedfm.adapters.lora_aggregation: hetlora, flexlora) that combines the
     clients' factors in place of the aggregator; None = the aggregator on the deltas."""
+    lora_scaling: float = 1.0
+    """peft's LoRA scaling alpha / r of the model (FLoRA merges the product as the model applies it)."""
+    merge_base: Optional[Callable[[dict], None]] = None
+    """Sets the shared model's frozen base weights to their initial values plus FLoRA's accumulated
+    merge (module -> delta)."""
     system: "Optional[SystemPlan]" = None
     """Client speeds, availability, deadline and async mode (fedfm.federation); None = every sampled
     client trains fully and no simulated time is kept."""
@@ -86,13 +91,25 @@ def run_round(
         updates, opt_state = hook([r.update for r in accepted], [r.metrics for r in accepted], opt_state,
                                   plan.num_clients, uniform)
         accepted = [replace(r, update=u) for r, u in zip(accepted, updates)]
-    if accepted and plan.lora is not None:  # hetlora, flexlora: the strategy combines the factors
-        from fedfm.adapters.ranks import combine
-        from fedfm.pipeline import Aggregate
+    if accepted and plan.lora is not None:  # hetlora, flexlora, flora: the strategy combines the factors
+        from fedfm.adapters.ranks import MERGED, combine
+        from fedfm.pipeline import Aggregate, generator
 
         uniform = getattr(plan.aggregator, "weighting", "examples") == "uniform"
-        agg = Aggregate(combine(plan.lora, state.params, [r.update for r in accepted], uniform), dict(state.extra))
-        params, opt_state = plan.algorithm.server_update(state.params, opt_state, agg.delta)
+        delta, merges, stack_bytes = combine(plan.lora, state.params, [r.update for r in accepted], uniform,
+                                             scaling=plan.lora_scaling, generator=generator(plan.seed, rnd, 0xF10A))
+        agg = Aggregate(delta, dict(state.extra))
+        algo_state = {k: v for k, v in opt_state.items() if not k.startswith(MERGED)}
+        params, algo_state = plan.algorithm.server_update(state.params, algo_state, agg.delta)
+        opt_state = {**algo_state, **{k: v for k, v in opt_state.items() if k.startswith(MERGED)}}
+        if merges:  # FLoRA: the stacked product goes into the frozen base weights, kept in the state
+            for m, d in merges.items():
+                key = MERGED + m
+                opt_state[key] = opt_state[key] + d if key in opt_state else d.clone()
+            if plan.merge_base is not None:  # the base becomes W0 + the accumulated merge
+                plan.merge_base({k[len(MERGED):]: v for k, v in opt_state.items() if k.startswith(MERGED)})
+            agg.extra["flora_stack_bytes"] = stack_bytes
+        extra = agg.extra
     elif accepted:
         agg = plan.pipeline.aggregate(accepted, state.extra, rnd, plan.aggregator)
         extra, rejected = agg.extra, rejected + list(agg.dropped)
@@ -128,6 +145,8 @@ def make_tasks(state: ServerState, rnd: int, cohort: Sequence[int], plan: RoundP
     from fedfm.adapters.ranks import RANK
 
     payload = {**plan.algorithm.client_payload(state.opt_state), **plan.pipeline.client_payload(state.extra)}
+    if state.extra.get("flora_stack_bytes"):  # FLoRA: last round's stacked factors, for the client's own merge
+        payload["extra_bytes_down"] = int(state.extra["flora_stack_bytes"])
     caps = caps or {}
     tasks = []
     for c in cohort:

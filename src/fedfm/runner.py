@@ -84,6 +84,8 @@ def _execute_built(cfg: ExperimentConfig, out: Path, cb: Callbacks, exp: Any) ->
     state, elapsed = (loaded[0], float(loaded[1].get("elapsed_s", 0.0))) if loaded else (exp.initial_state(), 0.0)
     if loaded and exp.client_states is not None:
         exp.client_states.update(load_client_states(ckpt_dir, loaded[1]))
+    if loaded:
+        exp.restore(state)
     truncate_after(metrics_path, state.round if loaded else -1)
     if not loaded:
         append_line(metrics_path, {"round": 0, "phase": "init", **exp.evaluate(state.params),
@@ -212,6 +214,7 @@ def summarize(lines: list[dict[str, Any]]) -> dict[str, Any]:
         "bytes_down": sum(r.get("bytes_down", 0) for r in rounds),
         "rejected_updates": sum(len(r.get("rejected", [])) for r in rounds),
         "backdoor_success": last.get("backdoor_success"),
+        "local_accuracy": last.get("local_accuracy"), "client_accuracy_mean": last.get("client_accuracy_mean"),
         "epsilon": max((r["epsilon"] for r in rounds if r.get("epsilon") is not None), default=None),
         "wall_s": rounds[-1]["elapsed_s"] if rounds else 0.0,
         "sim_time_s": max((r["sim_time_s"] for r in rounds if r.get("sim_time_s") is not None), default=None),

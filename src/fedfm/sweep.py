@@ -12,7 +12,8 @@ from fedfm.config import ExperimentConfig, load_config, parse_override
 from fedfm.errors import ConfigError
 
 
-COLUMNS = ("accuracy", "f1", "perplexity", "loss", "backdoor_success", "epsilon", "MB", "wall_s")
+COLUMNS = ("accuracy", "local_accuracy", "f1", "perplexity", "loss", "backdoor_success", "epsilon", "MB", "sim_time_s",
+           "wall_s")
 
 
 def parse_grid(items: Sequence[str]) -> list[tuple[str, list[Any]]]:

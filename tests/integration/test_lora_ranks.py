@@ -139,3 +139,47 @@ def test_tiers_give_ranks_and_speeds(tiny_cfg):
     speeds = exp.plan.system.profile.speed
     assert sorted(ranks) == [2, 2, 8, 8]
     assert all((r == 8) == (s == 1.0) for r, s in zip(ranks, speeds))
+
+
+def test_flora_merges_the_exact_weighted_product_into_the_base(tiny_cfg):
+    exp = Experiment.build(tiny_cfg(*RANKS, 'adapter.aggregation="flora"'))
+    model = exp.handle.model
+    state = exp.initial_state()
+    modules = sorted({k.rsplit(".lora_A", 1)[0] for k in state.params if lora_role(k) == "A"})
+    before = {m: model.get_submodule(m).base_layer.weight.detach().clone() for m in modules}
+    results = {}
+    new, _ = run_round(state, exp.plan, lambda r: results.__setitem__(r.client_id, r))
+    ups = [exp.plan.pipeline.receive(results[c], state.params).update for c in sorted(results)]
+    total = sum(u.weight for u in ups)
+    s = exp.cfg.adapter.alpha / 8  # peft's scaling at the model's rank
+    for m in modules:
+        a, b = f"{m}.lora_A.default.weight", f"{m}.lora_B.default.weight"
+        expect = sum(u.weight / total * s * (state.params[b] + u.delta[b]).double() @ (state.params[a] + u.delta[a]).double()
+                     for u in ups)
+        got = model.get_submodule(m).base_layer.weight.double() - before[m].double()
+        torch.testing.assert_close(got, expect, rtol=1e-5, atol=1e-6)
+        assert torch.count_nonzero(new.params[b]) == 0  # fresh factors: B = 0, so the merge is all there is
+        torch.testing.assert_close(new.opt_state["flora_merged/" + m].double(), got, rtol=1e-5, atol=1e-6)
+
+
+def test_flora_resume_restores_the_merged_base(tmp_path, tiny_cfg):
+    import json
+
+    from fedfm.runner import Callbacks, resume, run
+
+    cfg = tiny_cfg(*RANKS, 'adapter.aggregation="flora"', "federation.rounds=3")
+    run(cfg, tmp_path / "full")
+
+    class Killed(Exception):
+        pass
+
+    def die(line):
+        if line["round"] == 2:
+            raise Killed
+
+    with pytest.raises(Killed):
+        run(cfg, tmp_path / "cut", Callbacks(on_round_end=die))
+    resume(tmp_path / "cut")
+    strip = lambda p: [{k: v for k, v in json.loads(l).items() if k not in ("wall_s", "elapsed_s")}  # noqa: E731
+                       for l in (p / "metrics.jsonl").read_text().splitlines()]
+    assert strip(tmp_path / "full") == strip(tmp_path / "cut")

@@ -22,6 +22,7 @@ per-client rank inside one model.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence
 
 import torch
@@ -111,13 +112,59 @@ def check_rank_fits(handle: Any, rank: int, method: str) -> None:
                                   f"(out={out}, in={inp}); lower adapter.rank")
 
 
-def combine(strategy: Any, params: NamedTensors, updates: Sequence[Any], uniform: bool) -> dict[str, torch.Tensor]:
-    """One round of a LoRA-aware strategy (hetlora, flexlora) as a pseudo-gradient: the clients'
-    trained params (global + delta, full rank, zero-padded) combined by ``strategy``, minus the
-    global params, so any server optimizer applies it (FedAvg with server_lr 1: the new params)."""
-    from fedfm.adapters.lora_aggregation import LoraRound
+def combine(strategy: Any, params: NamedTensors, updates: Sequence[Any], uniform: bool, *,
+            scaling: float = 1.0, generator: Optional[torch.Generator] = None
+            ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], int]:
+    """One round of a LoRA-aware strategy (hetlora, flexlora, flora) as a pseudo-gradient: the
+    clients' trained params (global + delta, full rank, zero-padded) combined by ``strategy``, minus
+    the global params, so any server optimizer applies it (FedAvg with server_lr 1: the new params).
+
+    Returns (pseudo-gradient, merge_into_base, stack_bytes): FLoRA's per-module (out x in) deltas
+    for the frozen base weights (``scaling`` = peft's alpha / r is applied, as the model applies it)
+    and the encoded size of the stacked factors every client must download to merge them too
+    (0 for the other strategies)."""
+    from fedfm import wire
+    from fedfm.adapters.lora_aggregation import LoraRound, flora_stack, group_lora
 
     clients = [{k: params[k] + u.delta[k] for k in params} for u in updates]
     weights = None if uniform else [float(u.weight) for u in updates]
-    out = strategy.aggregate(LoraRound(global_params=params, client_params=clients, weights=weights))
-    return {k: out.params[k] - params[k] for k in params}
+    flora = getattr(strategy, "name", "") == "flora"
+    out = strategy.aggregate(LoraRound(global_params=params, client_params=clients, weights=weights,
+                                       scalings=[scaling] * len(clients) if flora else None, generator=generator))
+    stack_bytes = 0
+    if flora:
+        groups = [group_lora(c) for c in clients]
+        stacks = {}
+        for m in out.merge_into_base:
+            A, B = flora_stack([g.factors[m] for g in groups], weights, [scaling] * len(groups))
+            stacks[f"{m}.A"], stacks[f"{m}.B"] = A, B
+        stack_bytes = wire.encoded_size(stacks)
+    return {k: out.params[k] - params[k] for k in params}, dict(out.merge_into_base), stack_bytes
+
+
+MERGED = "flora_merged/"
+"""opt_state prefix of FLoRA's accumulated base-weight deltas, per LoRA module (so a checkpoint
+restores the merged base model)."""
+
+
+@dataclass
+class BaseMerger:
+    """Sets each LoRA module's frozen base weight to W0 + M, with W0 the weight before any merge
+    (kept on first use) and M FLoRA's accumulated merge: the same sum whether a run went straight
+    through or resumed from a checkpoint holding M, bit for bit. In place: forked workers share
+    the storage (fedfm.runtime.multiprocess)."""
+
+    model: Any
+    originals: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @torch.no_grad()
+    def __call__(self, merged: Mapping[str, torch.Tensor]) -> None:
+        for module, delta in merged.items():
+            layer = self.model.get_submodule(module)
+            w = getattr(layer, "base_layer", layer).weight
+            if module not in self.originals:
+                self.originals[module] = w.detach().clone()
+            d = delta.to(w.dtype)
+            if getattr(layer, "fan_in_fan_out", False):
+                d = d.T
+            w.copy_(self.originals[module] + d)

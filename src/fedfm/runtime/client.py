@@ -102,7 +102,7 @@ def download_bytes(task: ClientTask, broadcast: int) -> int:
 
     rank = task.payload.get(RANK)
     own = broadcast if rank is None else wire.encoded_size(truncate(task.params, int(rank)))
-    return own + payload_bytes(task.payload)
+    return own + payload_bytes(task.payload) + int(task.payload.get("extra_bytes_down", 0))
 
 
 def train_client(trainer: ClientTrainer, task: ClientTask, pipeline: "UpdatePipeline",
