@@ -62,6 +62,16 @@ class AdapterConfig(_Section):
     frozen base weights, fresh factors every round (clients download the stack: bytes grow with the
     cohort)."""
 
+    self_prune: bool = True
+    """hetlora: clients regularize their trailing rank components and drop them once that tail
+    shrinks (HetLoRA's rank self-pruning); false = fixed ranks."""
+    prune_lam: float = Field(0.01, ge=0)
+    """hetlora: weight of the tail-norm regularizer ||B_t A_t||_F."""
+    prune_gamma: float = Field(0.99, gt=0, lt=1)
+    """hetlora: decaying factor; the tail starts at max(floor(gamma * r), min_rank)."""
+    min_rank: int = Field(1, ge=1)
+    """hetlora: no client prunes below this rank."""
+
     @field_validator("rank")
     @classmethod
     def _ranks_positive(cls, v: Any) -> Any:

@@ -262,6 +262,12 @@ def build_client_side(cfg: ExperimentConfig) -> "tuple[DataRoles, ModelHandle, A
     from fedfm.personalization import build_personalization
 
     trainer.personal = build_personalization(cfg, handle)
+    a = cfg.adapter
+    if a.method == "lora" and a.aggregation == "hetlora" and a.self_prune:
+        from fedfm.adapters.ranks import SelfPruning
+
+        trainer.pruning = SelfPruning(lam=a.prune_lam, gamma=a.prune_gamma, min_rank=a.min_rank)
+        trainer.max_rank = a.max_rank(cfg.clients.tiers)
     if cfg.runtime.name == "inprocess" and cfg.runtime.vectorize is not False:
         trainer = _vectorized(cfg, trainer)
     return data, handle, tokens, trainer

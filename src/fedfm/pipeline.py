@@ -213,6 +213,8 @@ class UpdatePipeline:
         if result.payload is None:
             return result
         rank = self.rank_of(result.client_id)
+        if "lora_rank" in result.metrics:  # a self-pruning client reports the rank it sent
+            rank = int(result.metrics["lora_rank"])
         full = like
         if rank is not None:
             like = truncate(like, rank)

@@ -116,6 +116,9 @@ def run_round(
         if agg.delta is not None:
             params, opt_state = plan.algorithm.server_update(state.params, opt_state, agg.delta)
     rejected = dropped + rejected
+    reported = {str(r.client_id): int(r.metrics["lora_rank"]) for r in results if "lora_rank" in r.metrics}
+    if reported:
+        extra[REPORTED_RANKS] = {**extra.get(REPORTED_RANKS, {}), **reported}
     # 7. charge the round's privacy cost
     extra, epsilon = plan.pipeline.account(extra, cohort, received)
     if sim_time is not None:
@@ -137,6 +140,10 @@ def sample_cohort(seed: int, rnd: int, num_clients: int, k: int) -> list[int]:
     return sorted(int(c) for c in rng.choice(num_clients, size=k, replace=False))
 
 
+REPORTED_RANKS = "lora_ranks"
+"""ServerState.extra key: client -> the LoRA rank it last reported (HetLoRA self-pruning)."""
+
+
 def make_tasks(state: ServerState, rnd: int, cohort: Sequence[int], plan: RoundPlan,
                caps: Optional[dict[int, int]] = None) -> list[ClientTask]:
     """``caps``: client -> cap on its local steps this round (a straggler's partial work)."""
@@ -150,8 +157,11 @@ def make_tasks(state: ServerState, rnd: int, cohort: Sequence[int], plan: RoundP
     caps = caps or {}
     tasks = []
     for c in cohort:
-        own = {**({MAX_STEPS: caps[c]} if c in caps else {}),
-               **({RANK: plan.pipeline.rank_of(c)} if plan.pipeline.rank_of(c) is not None else {})}
+        rank = plan.pipeline.rank_of(c)
+        pruned = state.extra.get(REPORTED_RANKS, {}).get(str(c))  # HetLoRA: the rank it pruned itself to
+        if pruned is not None:
+            rank = int(pruned) if rank is None else min(rank, int(pruned))
+        own = {**({MAX_STEPS: caps[c]} if c in caps else {}), **({RANK: rank} if rank is not None else {})}
         tasks.append(ClientTask(round=rnd, client_id=c, params=state.params, seed=client_seed(plan.seed, rnd, c),
                                 payload={**payload, **own} if own else payload))
     return tasks

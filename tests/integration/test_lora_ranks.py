@@ -183,3 +183,54 @@ def test_flora_resume_restores_the_merged_base(tmp_path, tiny_cfg):
     strip = lambda p: [{k: v for k, v in json.loads(l).items() if k not in ("wall_s", "elapsed_s")}  # noqa: E731
                        for l in (p / "metrics.jsonl").read_text().splitlines()]
     assert strip(tmp_path / "full") == strip(tmp_path / "cut")
+
+
+def test_hetlora_self_pruning_shrinks_ranks_and_payloads(tiny_cfg):
+    """A strong tail regularizer makes clients drop their tail: ranks never grow, each payload has
+    the rank its client reports, and the server keeps the reported ranks for the downloads."""
+    exp = Experiment.build(tiny_cfg(*RANKS, 'adapter.aggregation="hetlora"', "adapter.prune_gamma=0.5",
+                                    "adapter.prune_lam=1.0", "federation.rounds=3"))
+    state, history = exp.initial_state(), []
+    for _ in range(3):
+        sent = {}
+        state, _ = run_round(state, exp.plan, lambda r: sent.__setitem__(r.client_id, r))
+        for c, r in sent.items():
+            rank = int(r.metrics["lora_rank"])
+            for k, v in r.payload.items():
+                if lora_role(k) == "A":
+                    assert v.shape[0] == rank
+            kept = exp.client_states[c]["personal/__lora_rank__"]
+            assert int(kept) == rank
+        history.append(dict(state.extra["lora_ranks"]))
+    for before, after in zip(history, history[1:]):
+        assert all(after[c] <= before[c] for c in before)
+    assert any(history[-1][c] < r0 for c, r0 in zip("0123", [2, 4, 8, 4]))  # someone pruned
+    # next round's downloads are at the pruned ranks
+    tasks = make_tasks(state, 4, [0, 1, 2, 3], exp.plan)
+    for t in tasks:
+        r = history[-1][str(t.client_id)]
+        assert t.payload.get("lora_rank", 8) == r
+
+
+def test_hetlora_pruning_resumes_exactly(tmp_path, tiny_cfg):
+    import json
+
+    from fedfm.runner import Callbacks, resume, run
+
+    cfg = tiny_cfg(*RANKS, 'adapter.aggregation="hetlora"', "adapter.prune_gamma=0.5", "adapter.prune_lam=1.0",
+                   "federation.rounds=3")
+    run(cfg, tmp_path / "full")
+
+    class Killed(Exception):
+        pass
+
+    def die(line):
+        if line["round"] == 2:
+            raise Killed
+
+    with pytest.raises(Killed):
+        run(cfg, tmp_path / "cut", Callbacks(on_round_end=die))
+    resume(tmp_path / "cut")
+    strip = lambda p: [{k: v for k, v in json.loads(l).items() if k not in ("wall_s", "elapsed_s")}  # noqa: E731
+                       for l in (p / "metrics.jsonl").read_text().splitlines()]
+    assert strip(tmp_path / "full") == strip(tmp_path / "cut")

@@ -35,7 +35,51 @@ if TYPE_CHECKING:
 NamedTensors = Mapping[str, torch.Tensor]
 
 RANK = "lora_rank"
-"""ClientTask.payload key: the client's LoRA rank when below the model's."""
+"""ClientTask.payload key: the client's LoRA rank when below the model's; also the metrics key
+under which a self-pruning (HetLoRA) client reports the rank it trained and sends."""
+OWN_RANK = "__lora_rank__"
+"""Key, among a client's kept values, of the rank a HetLoRA client has pruned itself down to."""
+
+
+@dataclass(frozen=True)
+class SelfPruning:
+    """HetLoRA's rank self-pruning (Cho et al. 2024), on the client:
+
+    * local loss + lam * ||B_t @ A_t||_F summed over the LoRA modules, where the tail t is the
+      components k..r-1 with k = max(floor(gamma * r), min_rank): the regularizer pushes the
+      trailing components toward zero;
+    * after local training, if the tail's update norm (over all modules) is below what it was on
+      the factors the client started from, the client drops the tail: its rank becomes k, kept
+      in its state for the next rounds, never below min_rank. It trains, sends and receives at
+      that rank from then on (the server pads by the rank the client reports).
+
+    The math is ``hetlora_regularizer`` / ``hetlora_tail_norm`` / ``hetlora_tail_start`` in
+    fedfm.adapters.lora_aggregation."""
+
+    lam: float = 0.01
+    gamma: float = 0.99
+    min_rank: int = 1
+
+    def regularizer(self, params: Mapping[str, torch.Tensor], rank: int) -> torch.Tensor:
+        from fedfm.adapters.lora_aggregation import group_lora, hetlora_regularizer
+
+        total = None
+        for f in group_lora(params).factors.values():
+            term = hetlora_regularizer(f.A[:rank], f.B[:, :rank], self.gamma, self.min_rank)
+            total = term if total is None else total + term
+        return self.lam * total if total is not None else torch.zeros(())
+
+    def tail_norm(self, params: Mapping[str, torch.Tensor], rank: int) -> float:
+        from fedfm.adapters.lora_aggregation import group_lora, hetlora_tail_norm
+
+        return float(sum(hetlora_tail_norm(f.A[:rank], f.B[:, :rank], self.gamma, self.min_rank) ** 2
+                         for f in group_lora(params).factors.values()) ** 0.5)
+
+    def new_rank(self, before: float, after: float, rank: int) -> int:
+        from fedfm.adapters.lora_aggregation import hetlora_tail_start
+
+        k = hetlora_tail_start(rank, self.gamma, self.min_rank)
+        return k if k < rank and after < before else rank
 
 
 def client_ranks(cfg: "ExperimentConfig") -> Optional[list[int]]:

@@ -78,7 +78,8 @@ def with_client_state(task: ClientTask, trainer: Any, state: Optional[NamedTenso
     from fedfm.personalization import PERSONAL
 
     algorithm = getattr(trainer, "algorithm", None)
-    stateful, personal = has_client_state(algorithm), getattr(trainer, "personal", None) is not None
+    stateful = has_client_state(algorithm)
+    personal = getattr(trainer, "personal", None) is not None or getattr(trainer, "pruning", None) is not None
     if not (stateful or personal):
         return task
     _, algo, own = split_state(state)
@@ -120,8 +121,12 @@ def client_step(task: ClientTask, trained: NamedTensors, pipeline: "UpdatePipeli
     pipeline with its part of ``state``, and the algorithm's new client state."""
     from fedfm.algorithms.base import has_client_state
 
+    from fedfm.adapters.ranks import RANK
+
     n = len(PERSONAL_STATE)
     personal = {k[n:]: v for k, v in trained.items() if k.startswith(PERSONAL_STATE)}
+    if RANK in metrics:  # a self-pruning client sends at the rank it trained at (HetLoRA)
+        task = replace(task, payload={**task.payload, RANK: int(metrics[RANK])})
     delta = sub({k: trained[k] for k in task.params}, task.params)
     pipe, algo, own = split_state(state)
     out = pipeline.client_step(delta, task, pipe)

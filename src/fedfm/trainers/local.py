@@ -37,20 +37,27 @@ class LocalTrainer:
     personal: Any = None
     """fedfm.personalization.Personalization when part of the model stays with each client: it
     runs the local training and returns the personal values beside the shared params."""
+    pruning: Any = None
+    """fedfm.adapters.ranks.SelfPruning: HetLoRA's tail regularizer and rank self-pruning."""
+    max_rank: int = 0
+    """The model's LoRA rank (with pruning)."""
 
     def train_many(self, tasks: Sequence[ClientTask]) -> list[tuple[dict[str, torch.Tensor], dict[str, float]]]:
         return [self.train(t) for t in tasks]
 
     def train(self, task: ClientTask) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
         """Load the task's params, run local steps, return (new params, metrics)."""
-        if "lora_rank" in task.payload:  # a lower-rank client starts (and stays) at zero past its rank
+        rank = self._own_rank(task)
+        if rank is not None:  # a lower-rank client starts (and stays) at zero past its rank
             from dataclasses import replace
 
             from fedfm.adapters.ranks import zero_tail_
 
             start = {k: v.clone() for k, v in task.params.items()}
-            zero_tail_(start, int(task.payload["lora_rank"]))
+            zero_tail_(start, rank)
             task = replace(task, params=start)
+        if self.pruning is not None:
+            return self._train_pruning(task, rank)
         if self.personal is not None:
             trained, metrics = self.personal.train(self, task)
         else:
@@ -67,6 +74,41 @@ class LocalTrainer:
         shared = {k: trained[k] for k in task.params}
         kept = {k: v for k, v in trained.items() if k not in task.params}  # personal values (fedfm.personalization)
         return {**self._after_training(task, shared), **kept}, metrics
+
+    def _own_rank(self, task: ClientTask) -> Optional[int]:
+        """The LoRA rank this client trains at, when below the model's: the one the server assigns
+        (``payload["lora_rank"]``), or lower if the client pruned itself (HetLoRA)."""
+        rank = task.payload.get("lora_rank")
+        if self.pruning is not None:
+            from fedfm.adapters.ranks import OWN_RANK
+            from fedfm.personalization import PERSONAL
+
+            own = (task.payload.get(PERSONAL) or {}).get(OWN_RANK)
+            if own is not None:
+                rank = int(own) if rank is None else min(int(rank), int(own))
+        return None if rank is None else int(rank)
+
+    def _train_pruning(self, task: ClientTask, rank: Optional[int]) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        """Local training with HetLoRA's tail regularizer, then its self-pruning step."""
+        from fedfm.adapters.ranks import OWN_RANK, RANK, zero_tail_
+
+        assert self.pruning is not None
+        r = rank if rank is not None else self.max_rank
+        self.handle.set_params(task.params)
+        before = self.pruning.tail_norm(task.params, r)
+        torch.default_generator.manual_seed(task.seed)
+        rng = np.random.default_rng(task.seed)
+        losses, seen = self.fit(task, rng, list(self.handle.trainable),
+                                extra_loss=lambda p: self.pruning.regularizer(p, r))  # type: ignore[union-attr]
+        trained = self.handle.get_params()
+        new = self.pruning.new_rank(before, self.pruning.tail_norm(trained, r), r)
+        if new < r:
+            zero_tail_(trained, new)
+        n = len(self.client_indices[task.client_id])
+        metrics = {"train_loss": float(np.mean(losses)) if losses else float("nan"), "steps": float(len(losses)),
+                   "num_examples": float(n), "examples_seen": float(seen), RANK: float(new)}
+        out = {k: trained[k] for k in task.params}
+        return {**self._after_training(task, out), "personal/" + OWN_RANK: torch.tensor(new)}, metrics
 
     def fit(self, task: ClientTask, rng: np.random.Generator, names: Sequence[str], steps: Optional[int] = None,
             extra_loss: Optional[Callable[[Mapping[str, torch.Tensor]], torch.Tensor]] = None,

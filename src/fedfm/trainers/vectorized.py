@@ -86,6 +86,8 @@ def _blocker(trainer: LocalTrainer, clients_per_round: int) -> Optional[str]:
         return "one client per round: nothing to batch"
     from fedfm.algorithms.base import has_client_state
 
+    if trainer.pruning is not None:
+        return "HetLoRA's self-pruning decides each client's rank after its own training, one client at a time"
     if trainer.personal is not None:
         return (f"personalization {trainer.personal.method!r} trains personal parameters per client, which one "
                 "batched call does not carry")
