@@ -49,3 +49,32 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def interrupted_equals_full(tmp_path):
+    """Run ``cfg`` straight through and again killed after round ``kill_after``, then resumed;
+    assert their metrics lines agree (wall times aside) and return the full run's lines."""
+    import json
+
+    from fedfm.runner import Callbacks, resume, run
+
+    class Killed(Exception):
+        pass
+
+    def check(cfg, kill_after: int = 2):
+        run(cfg, tmp_path / "full")
+
+        def die(line):
+            if line["round"] == kill_after:
+                raise Killed
+
+        with pytest.raises(Killed):
+            run(cfg, tmp_path / "cut", Callbacks(on_round_end=die))
+        resume(tmp_path / "cut")
+        lines = {d: [{k: v for k, v in json.loads(l).items() if k not in ("wall_s", "elapsed_s")}
+                     for l in (tmp_path / d / "metrics.jsonl").read_text().splitlines()] for d in ("full", "cut")}
+        assert lines["full"] == lines["cut"]
+        return lines["full"]
+
+    return check

@@ -162,27 +162,8 @@ def test_flora_merges_the_exact_weighted_product_into_the_base(tiny_cfg):
         torch.testing.assert_close(new.opt_state["flora_merged/" + m].double(), got, rtol=1e-5, atol=1e-6)
 
 
-def test_flora_resume_restores_the_merged_base(tmp_path, tiny_cfg):
-    import json
-
-    from fedfm.runner import Callbacks, resume, run
-
-    cfg = tiny_cfg(*RANKS, 'adapter.aggregation="flora"', "federation.rounds=3")
-    run(cfg, tmp_path / "full")
-
-    class Killed(Exception):
-        pass
-
-    def die(line):
-        if line["round"] == 2:
-            raise Killed
-
-    with pytest.raises(Killed):
-        run(cfg, tmp_path / "cut", Callbacks(on_round_end=die))
-    resume(tmp_path / "cut")
-    strip = lambda p: [{k: v for k, v in json.loads(l).items() if k not in ("wall_s", "elapsed_s")}  # noqa: E731
-                       for l in (p / "metrics.jsonl").read_text().splitlines()]
-    assert strip(tmp_path / "full") == strip(tmp_path / "cut")
+def test_flora_resume_restores_the_merged_base(tiny_cfg, interrupted_equals_full):
+    interrupted_equals_full(tiny_cfg(*RANKS, 'adapter.aggregation="flora"', "federation.rounds=3"))
 
 
 def test_hetlora_self_pruning_shrinks_ranks_and_payloads(tiny_cfg):
@@ -212,25 +193,6 @@ def test_hetlora_self_pruning_shrinks_ranks_and_payloads(tiny_cfg):
         assert t.payload.get("lora_rank", 8) == r
 
 
-def test_hetlora_pruning_resumes_exactly(tmp_path, tiny_cfg):
-    import json
-
-    from fedfm.runner import Callbacks, resume, run
-
-    cfg = tiny_cfg(*RANKS, 'adapter.aggregation="hetlora"', "adapter.prune_gamma=0.5", "adapter.prune_lam=1.0",
-                   "federation.rounds=3")
-    run(cfg, tmp_path / "full")
-
-    class Killed(Exception):
-        pass
-
-    def die(line):
-        if line["round"] == 2:
-            raise Killed
-
-    with pytest.raises(Killed):
-        run(cfg, tmp_path / "cut", Callbacks(on_round_end=die))
-    resume(tmp_path / "cut")
-    strip = lambda p: [{k: v for k, v in json.loads(l).items() if k not in ("wall_s", "elapsed_s")}  # noqa: E731
-                       for l in (p / "metrics.jsonl").read_text().splitlines()]
-    assert strip(tmp_path / "full") == strip(tmp_path / "cut")
+def test_hetlora_pruning_resumes_exactly(tiny_cfg, interrupted_equals_full):
+    interrupted_equals_full(tiny_cfg(*RANKS, 'adapter.aggregation="hetlora"', "adapter.prune_gamma=0.5",
+                                     "adapter.prune_lam=1.0", "federation.rounds=3"))
