@@ -43,7 +43,7 @@ def command(way: str, config: Path, out: Path, a: argparse.Namespace) -> list[st
         return [sys.executable, str(ROOT / "benchmarks" / "floor.py"), str(config), "--threads", str(a.threads),
                 *rounds]
     sets = [f"runtime.threads={a.threads}", f"federation.rounds={a.rounds}" if a.rounds else None,
-            f"checkpoint.every={a.rounds}" if a.rounds else None]
+            f"checkpoint.every={a.rounds}" if a.rounds else None, None if a.plot else "eval.plot=false"]
     if way == "vectorised":
         sets.append("runtime.vectorize=true")
     if way == "workers":
@@ -97,6 +97,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads per process")
     p.add_argument("--workers", type=int, default=2, help="processes for the workers way")
     p.add_argument("--repeat", type=int, default=1, help="runs per way; the fastest is kept")
+    p.add_argument("--no-plot", dest="plot", action="store_false",
+                   help="fedfm skips metrics.png (eval.plot = false); the floor never plots")
     a = p.parse_args()
     ways = [w.strip() for w in a.ways.split(",") if w.strip()]
     bad = [w for w in ways if w not in WAYS]
@@ -118,6 +120,7 @@ def main() -> None:
             rows[way] = best
         floor = rows.get("floor")
         print(f"\n{wl}: {CONFIGS[wl].name}" + (f", {a.rounds} rounds" if a.rounds else "") +
+              ("" if a.plot else ", fedfm without metrics.png") +
               f", {a.threads} thread(s) per process, best of {a.repeat}")
         print(f"| way | wall s | peak MB (PSS) | processes | accuracy | wall / floor | memory / floor |")
         print("|---|---|---|---|---|---|---|")

@@ -319,6 +319,8 @@ class EvalConfig(_Section):
     per_client: bool = False
     """Also evaluate the global model on each client's local held-out split."""
     client_test_fraction: float = Field(0.2, gt=0, lt=1)
+    plot: bool = True
+    """Write metrics.png at the end (matplotlib: about 2-3 s of a short run; false skips it)."""
 
 
 class TlsConfig(_Section):

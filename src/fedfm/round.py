@@ -9,12 +9,12 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 import numpy as np
-import torch
 
 from fedfm.aggregators.base import Aggregator
 from fedfm.algorithms.base import Algorithm
 from fedfm.pipeline import UpdatePipeline
 from fedfm.runtime.base import Runtime
+from fedfm.tensors import l2_norm, l2_norm64
 from fedfm.types import ClientResult, ClientTask, ModelUpdate, NamedTensors, RoundReport, ServerState
 
 if TYPE_CHECKING:
@@ -195,9 +195,11 @@ def check_update(update: ModelUpdate, params: NamedTensors, max_norm: Optional[f
     for k, v in update.delta.items():
         if v.dtype != params[k].dtype:
             return f"dtype of {k} is {v.dtype}, expected {params[k].dtype}"
-    # one pass: the float64 norm is NaN or Inf iff some value is (float32 squares cannot overflow it)
-    norm = math.sqrt(sum(float(torch.linalg.vector_norm(v, dtype=torch.float64)) ** 2
-                         for v in update.delta.values() if v.is_floating_point()))
+    # one fused float32 pass; the exact float64 norm (NaN or Inf iff some value is: float32 squares
+    # cannot overflow it) only when that pass is not finite or lands near the bound
+    norm = l2_norm(update.delta)
+    if not math.isfinite(norm) or (max_norm is not None and norm > max_norm * (1 - 1e-4)):
+        norm = l2_norm64(update.delta)
     if not math.isfinite(norm):
         return "update contains NaN or Inf"
     if max_norm is not None:

@@ -195,7 +195,8 @@ def finish(out: Path, cfg: ExperimentConfig, exp: Any) -> dict[str, Any]:
         "data": cfg.data.name, "clients": cfg.federation.clients, "seed": cfg.seed,
     })
     (out / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
-    plot_runs([(out.name, lines)], out / "metrics.png")
+    if cfg.eval.plot:
+        plot_runs([(out.name, lines)], out / "metrics.png")
     return summary
 
 
