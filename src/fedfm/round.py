@@ -14,7 +14,7 @@ from fedfm.aggregators.base import Aggregator
 from fedfm.algorithms.base import Algorithm
 from fedfm.pipeline import UpdatePipeline
 from fedfm.runtime.base import Runtime
-from fedfm.tensors import l2_norm, l2_norm64
+from fedfm.tensors import l2_norm64
 from fedfm.types import ClientResult, ClientTask, ModelUpdate, NamedTensors, RoundReport, ServerState
 
 if TYPE_CHECKING:
@@ -173,18 +173,51 @@ def client_seed(seed: int, rnd: int, client: int) -> int:
 
 def screen(results: Sequence[ClientResult], params: NamedTensors,
            max_norm: Optional[float] = None) -> tuple[list[ClientResult], list[dict]]:
+    """Accept the results whose update can be aggregated; reject the others with the reason.
+    Structure is checked per update; the norms of all well-formed updates are computed together,
+    one stacked float64 reduction per parameter name (a cohort of small updates costs a few
+    calls, not a few per client)."""
+    reasons: dict[int, Optional[str]] = {}
+    formed = []
+    for i, r in enumerate(results):
+        reasons[i] = r.error if r.update is None else check_structure(r.update, params)
+        if reasons[i] is None:
+            formed.append(i)
+    for i, norm in zip(formed, _norms64([results[i].update.delta for i in formed], params)):  # type: ignore[union-attr]
+        reasons[i] = check_values(results[i].update, norm, max_norm)  # type: ignore[arg-type]
     accepted, rejected = [], []
-    for r in results:
-        reason = r.error if r.update is None else check_update(r.update, params, max_norm)
-        if reason is None:
+    for i, r in enumerate(results):
+        if reasons[i] is None:
             accepted.append(r)
         else:
-            rejected.append({"client": r.client_id, "reason": reason})
+            rejected.append({"client": r.client_id, "reason": reasons[i]})
     return accepted, rejected
+
+
+def _norms64(deltas: Sequence[NamedTensors], params: NamedTensors) -> list[float]:
+    """Each delta's L2 norm in float64 (NaN or Inf iff some value is: float64 sums of float32
+    squares cannot overflow), stacked per name when the cohort's tensors are small."""
+    import torch
+
+    if not deltas:
+        return []
+    floats = [k for k, v in params.items() if v.is_floating_point()]
+    if len(deltas) == 1 or sum(params[k].numel() for k in floats) * len(deltas) > (1 << 24):
+        return [l2_norm64(d) for d in deltas]
+    sq = torch.zeros(len(deltas), dtype=torch.float64)
+    for k in floats:
+        stacked = torch.stack([d[k] for d in deltas]).to(torch.float64)
+        sq += stacked.reshape(len(deltas), -1).square().sum(1)
+    return [math.sqrt(float(v)) for v in sq]
 
 
 def check_update(update: ModelUpdate, params: NamedTensors, max_norm: Optional[float] = None) -> Optional[str]:
     """Why ``update`` cannot be aggregated against ``params``, or None if it can."""
+    return check_structure(update, params) or check_values(update, l2_norm64(update.delta), max_norm)
+
+
+def check_structure(update: ModelUpdate, params: NamedTensors) -> Optional[str]:
+    """Names, shapes and dtypes of ``update`` against ``params``: why they differ, or None."""
     if list(update.delta) != list(params):
         missing = sorted(set(params) - set(update.delta))[:3]
         extra = sorted(set(update.delta) - set(params))[:3]
@@ -195,16 +228,15 @@ def check_update(update: ModelUpdate, params: NamedTensors, max_norm: Optional[f
     for k, v in update.delta.items():
         if v.dtype != params[k].dtype:
             return f"dtype of {k} is {v.dtype}, expected {params[k].dtype}"
-    # one fused float32 pass; the exact float64 norm (NaN or Inf iff some value is: float32 squares
-    # cannot overflow it) only when that pass is not finite or lands near the bound
-    norm = l2_norm(update.delta)
-    if not math.isfinite(norm) or (max_norm is not None and norm > max_norm * (1 - 1e-4)):
-        norm = l2_norm64(update.delta)
+    return None
+
+
+def check_values(update: ModelUpdate, norm: float, max_norm: Optional[float] = None) -> Optional[str]:
+    """Values of a well-formed update, given its float64 L2 ``norm``: why they are unusable, or None."""
     if not math.isfinite(norm):
         return "update contains NaN or Inf"
-    if max_norm is not None:
-        if norm > max_norm:
-            return f"update norm {norm:.3g} exceeds the sanity bound {max_norm:g} (aggregator.reject_norm)"
+    if max_norm is not None and norm > max_norm:
+        return f"update norm {norm:.3g} exceeds the sanity bound {max_norm:g} (aggregator.reject_norm)"
     if not (update.weight > 0 and np.isfinite(update.weight)):
         return f"weight {update.weight} is not a positive finite number"
     return None

@@ -69,19 +69,3 @@ def l2_norm64(a: "NamedTensors") -> float:
 
     return math.sqrt(sum(float(torch.linalg.vector_norm(v, dtype=torch.float64)) ** 2
                          for v in a.values() if v.is_floating_point()))
-
-
-def l2_norm(a: "NamedTensors") -> float:
-    """The L2 norm over all floating tensors, from one fused float32 pass when that is finite and
-    clear of float32 overflow; the float64 norm otherwise. Callers comparing against a bound near
-    the result should use :func:`l2_norm64`."""
-    import torch
-
-    floats = [v for v in a.values() if v.is_floating_point()]
-    if not floats:
-        return 0.0
-    if all(v.dtype == torch.float32 for v in floats):
-        fast = float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(floats))))
-        if math.isfinite(fast) and fast < 1e30:
-            return fast
-    return l2_norm64(a)

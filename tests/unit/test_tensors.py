@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
@@ -26,14 +24,24 @@ def test_all_finite_with_nan_inf_and_float32_overflow():
         assert not tensors.all_finite(t)
 
 
-@pytest.mark.parametrize("scale", [1e-3, 1.0, 1e25])
-def test_fused_norm_equals_the_float64_norm(scale):
-    t = _tree(2, scale)
-    ref = math.sqrt(sum(float((v.double() ** 2).sum()) for k, v in t.items() if v.is_floating_point()))
-    assert tensors.l2_norm64(t) == pytest.approx(ref, rel=1e-12)
-    assert tensors.l2_norm(t) == pytest.approx(ref, rel=1e-6)
-    t["a"][0, 0] = float("nan")
-    assert math.isnan(tensors.l2_norm(t)) and math.isnan(tensors.l2_norm64(t))
+def test_cohort_screen_equals_one_by_one():
+    """The stacked norms of a cohort give the same verdicts and norms as each update alone."""
+    from fedfm.round import _norms64, check_update, screen
+    from fedfm.types import ClientResult, ModelUpdate
+
+    params = {k: v for k, v in _tree(0).items() if k != "i"}
+    deltas = [{k: v for k, v in _tree(s, 0.1).items() if k != "i"} for s in range(5)]
+    deltas[1]["a"][1, 1] = float("nan")
+    deltas[2] = {k: v * 1e8 for k, v in deltas[2].items()}
+    deltas[3]["b"] = torch.zeros(6)
+    results = [ClientResult(c, ModelUpdate(d, 1.0, 1), {}, 0, 0) for c, d in enumerate(deltas)]
+    accepted, rejected = screen(results, params, max_norm=1e3)
+    assert [r.client_id for r in accepted] == [0, 4]
+    one_by_one = {c: check_update(results[c].update, params, 1e3) for c in range(5)}
+    assert {r["client"]: r["reason"] for r in rejected} == {c: m for c, m in one_by_one.items() if m}
+    ok = [deltas[0], deltas[4]]
+    for n, d in zip(_norms64(ok, params), ok):
+        assert n == pytest.approx(tensors.l2_norm64(d), rel=1e-12)
 
 
 def test_stacked_weighted_sum_equals_the_loop(monkeypatch):
