@@ -553,6 +553,13 @@ class ExperimentConfig(_Section):
             raise ValueError(f"{what} is not combined with privacy mechanisms or secure aggregation here")
         if self.federation.mode == "async" or self.adapter.heterogeneous:
             raise ValueError(f"{what} runs with synchronous rounds and one LoRA rank")
+        if m != "none" and self.adapter.method == "lora" and self.adapter.aggregation in ("hetlora", "flexlora", "flora"):
+            raise ValueError(f"{what} trains personal parameters beside a shared model; "
+                             f"adapter.aggregation={self.adapter.aggregation!r} replaces the shared model's "
+                             "aggregation; use naive or ffa")
+        if m in ("fedrep", "ditto") and self.federation.deadline is not None and self.federation.stragglers == "partial":
+            raise ValueError(f"{what} trains in two phases; a straggler's partial work under a deadline is not "
+                             "split between them; use federation.stragglers = \"drop\"")
         if self.runtime.name != "inprocess":
             raise ValueError(f"{what} keeps personal parameters in the simulator's client state; "
                              "runtime.name must be 'inprocess'")
@@ -579,6 +586,10 @@ class ExperimentConfig(_Section):
             if self.algorithm.name in ("scaffold", "fednova"):
                 raise ValueError(f"algorithm.name={self.algorithm.name!r} is defined for synchronous rounds; "
                                  "with federation.mode=\"async\" use fedavg, fedprox, fedavgm or the adaptive ones")
+            if self.adapter.method == "lora" and self.adapter.aggregation in ("hetlora", "flexlora", "flora"):
+                raise ValueError(f"adapter.aggregation={self.adapter.aggregation!r} combines a round's factors at "
+                                 "once; federation.mode=\"async\" averages a buffer of stale deltas instead; use "
+                                 "naive or ffa (per-client ranks work, zero-padded)")
         return self
 
     @model_validator(mode="after")
@@ -601,6 +612,23 @@ class ExperimentConfig(_Section):
             if self.runtime.name != "inprocess":
                 raise ValueError("adapter.aggregation='flora' merges into the frozen base model the simulator shares; "
                                  "runtime.name must be 'inprocess'")
+        pruning = a.method == "lora" and a.aggregation == "hetlora" and a.self_prune
+        if a.heterogeneous or pruning:
+            what = "per-client LoRA ranks" if a.heterogeneous else "HetLoRA's self-pruning (adapter.self_prune)"
+            if self.algorithm.name in ("scaffold", "fednova"):
+                raise ValueError(f"{what} pads a client's update with minus the global tail, which is not a "
+                                 f"training step; algorithm.name={self.algorithm.name!r} would read it as one "
+                                 "(a control variate, a rescaled update); use fedavg, fedprox or a server optimizer")
+            if self.privacy.mechanism == "dpsgd":
+                raise ValueError(f"{what} keeps a client's components past its rank at zero, which DP-SGD's "
+                                 "per-step noise would not; use privacy.mechanism \"none\", \"local\" or \"central\"")
+        if pruning and self.privacy.mechanism == "local":
+            raise ValueError("HetLoRA's self-pruning reveals, through the rank a client sends at, whether its "
+                             "un-noised tail shrank, which local DP does not account for; set adapter.self_prune = "
+                             "false with privacy.mechanism \"local\"")
+        if a.method == "lora" and a.aggregation == "flora" and self.runtime.workers > 1:
+            raise ValueError("adapter.aggregation='flora' merges into the frozen base weights, which forked workers "
+                             "would have to share in memory; use runtime.workers = 1")
         if a.aggregation in ("hetlora", "flexlora", "flora") or a.heterogeneous:
             what = (f"adapter.aggregation={a.aggregation!r}" if a.aggregation in ("hetlora", "flexlora", "flora")
                     else "per-client LoRA ranks")
@@ -672,9 +700,13 @@ class ExperimentConfig(_Section):
                 raise ValueError(f"algorithm.name='scaffold' corrects plain SGD steps (its control variate is the "
                                  f"mean gradient, delta / (K lr)); client.optimizer={c.optimizer!r} with momentum "
                                  f"{c.momentum} is not that; set client.optimizer=\"sgd\" and client.momentum=0")
-            if self.runtime.name == "flower":
+            if self.runtime.name != "inprocess":
                 raise ValueError("algorithm.name='scaffold' sends a control variate with each task, which the Flower "
-                                 "runtime does not carry yet; use runtime.name=\"inprocess\"")
+                                 "runtimes do not carry yet; use runtime.name=\"inprocess\"")
+            if self.aggregator.name != "mean":
+                raise ValueError("algorithm.name='scaffold' averages the control variates of every accepted update, "
+                                 f"which a robust aggregator ({self.aggregator.name!r}) would not protect; use "
+                                 "aggregator.name=\"mean\"")
         if name in ("scaffold", "fednova"):
             if self.secagg.enabled:
                 raise ValueError(f"algorithm.name={name!r} needs each client's update and step count at the server, "

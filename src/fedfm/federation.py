@@ -82,10 +82,17 @@ def build_system(cfg: "ExperimentConfig", sizes: Sequence[int]) -> SystemPlan:
 
 
 def planned_steps(cfg: "ExperimentConfig", n: int) -> int:
-    """Local steps LocalTrainer runs on ``n`` examples: epochs of ceil(n / batch) steps, capped."""
+    """Local steps LocalTrainer runs on ``n`` examples: epochs of ceil(n / batch) steps, capped;
+    plus FedRep's head steps or Ditto's personal steps (compute the client spends too)."""
     per_epoch = math.ceil(n / cfg.client.batch_size) if n else 0
     steps = cfg.client.epochs * per_epoch
-    return steps if cfg.client.max_steps is None else min(steps, cfg.client.max_steps)
+    steps = steps if cfg.client.max_steps is None else min(steps, cfg.client.max_steps)
+    p = cfg.personalization
+    if p.method == "fedrep":
+        steps += p.head_steps
+    elif p.method == "ditto":
+        steps += p.personal_steps if p.personal_steps is not None else steps
+    return steps
 
 
 @dataclass(frozen=True)
@@ -99,14 +106,18 @@ class Participation:
     round_time: float
 
 
-def participation(system: SystemPlan, rnd: int, cohort: Sequence[int], bytes_down: int) -> Participation:
-    """Apply availability and the deadline to a sampled cohort (synchronous rounds)."""
+def participation(system: SystemPlan, rnd: int, cohort: Sequence[int],
+                  bytes_down: "int | Mapping[int, int]", bytes_up: "int | Mapping[int, int] | None" = None
+                  ) -> Participation:
+    """Apply availability and the deadline to a sampled cohort (synchronous rounds). ``bytes_down``:
+    what each client downloads; ``bytes_up``: an estimate of its reply (default: the same; the
+    reply's real size, after compression, is known only once it is sent)."""
     reachable = system.profile.available(rnd, cohort)
     gone = [{"client": c, "reason": "unavailable: dropped out of the round (clients.availability)"}
             for c in cohort if c not in set(reachable)]
     plan: DeadlinePlan = plan_deadline(system.profile, reachable, {c: system.planned_steps[c] for c in reachable},
                                        system.deadline, system.stragglers, bytes_down=bytes_down,
-                                       bytes_up=bytes_down)
+                                       bytes_up=bytes_down if bytes_up is None else bytes_up)
     late = [{"client": c, "reason": why if why.startswith("straggler") else f"straggler: {why}"} for c, why in sorted(plan.dropped.items())]
     clients = [c for c in reachable if c in plan.steps]
     caps = {c: plan.steps[c] for c in clients if plan.steps[c] < system.planned_steps[c]}

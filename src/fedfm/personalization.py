@@ -134,9 +134,13 @@ class Personalization:
         if self.method == "fedrep":
             head = [n for n in handle.trainable if self.personal(n)]
             body = [n for n in handle.trainable if not self.personal(n)]
-            h_losses, h_seen = trainer.fit(task, rng, head, steps=self.head_steps)
+            h_losses, _ = trainer.fit(task, rng, head, steps=self.head_steps)
             losses, seen = trainer.fit(task, rng, body)
-            losses, seen = h_losses + losses, h_seen + seen
+            metrics = _metrics(trainer, task, losses, seen)  # steps: the shared body's (SCAFFOLD, FedNova)
+            metrics["head_steps"] = float(len(h_losses))
+            out = {k: handle.trainable[k].detach().clone() for k in task.params}
+            out.update({PREFIX + k: handle.trainable[k].detach().clone() for k in self.initial})
+            return out, metrics
         else:  # fedper, personal-lora, fedsa: everything together
             losses, seen = trainer.fit(task, rng, list(handle.trainable))
         out = {k: handle.trainable[k].detach().clone() for k in task.params}

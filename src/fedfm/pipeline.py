@@ -143,6 +143,8 @@ class UpdatePipeline:
     ranks: Optional[tuple[int, ...]] = None
     """Each client's LoRA rank when they differ (fedfm.adapters.ranks): a client below the model's
     rank sends the first r components of its factors, which the server pads back."""
+    model_rank: Optional[int] = None
+    """The rank the model is built at (the largest any tier has, even one no client drew)."""
 
     @property
     def sampling_rate(self) -> float:
@@ -164,7 +166,7 @@ class UpdatePipeline:
         if self.ranks is None or not 0 <= client < len(self.ranks):
             return None
         r = self.ranks[client]
-        return r if r < max(self.ranks) else None
+        return r if r < (self.model_rank or max(self.ranks)) else None
 
     def clip_state(self, extra: Mapping[str, Any]) -> ClipState:
         """This round's clip: the fixed norm, or the adaptive state kept in ``extra``."""
@@ -396,7 +398,7 @@ def build_pipeline(cfg: "ExperimentConfig", client_sizes: Optional[Sequence[int]
         accountant=p.accountant, secagg=secagg, dropout=sa.dropout if sa.enabled else 0.0,
         compressor=build_compressor(c.name, c.bits, c.fraction, c.rank, c.error_feedback),
         weighting=cfg.aggregator.weighting, cohort_size=fed.clients_per_round, population=fed.clients, seed=cfg.seed,
-        ranks=_ranks(cfg),
+        ranks=_ranks(cfg), model_rank=cfg.adapter.max_rank(cfg.clients.tiers) if cfg.adapter.method == "lora" else None,
     )
 
 

@@ -68,8 +68,15 @@ def run_round(
         from fedfm import wire
         from fedfm.federation import participation
         from fedfm.federation import sim_time as clock
+        from fedfm.runtime.client import download_bytes, params_bytes
 
-        part = participation(plan.system, rnd, cohort, wire.encoded_size(state.params))
+        # each client's own transfers: its download exactly, its reply estimated as its trainable
+        # params (uncompressed: the reply's real size is known only once it is sent)
+        full = wire.encoded_size(state.params)
+        planned = make_tasks(state, rnd, cohort, plan)
+        down = {t.client_id: download_bytes(t, full) for t in planned}
+        up = {t.client_id: params_bytes(t, full) for t in planned}
+        part = participation(plan.system, rnd, cohort, down, up)
         cohort, caps, dropped = part.clients, part.caps, part.dropped
         sim_time = clock(state.extra) + part.round_time
     # 2. one task per client: the global trainable params, the algorithm's and the pipeline's payload
@@ -96,8 +103,11 @@ def run_round(
         from fedfm.pipeline import Aggregate, generator
 
         uniform = getattr(plan.aggregator, "weighting", "examples") == "uniform"
+        model_rank = plan.pipeline.model_rank or 0
+        ranks = [int(r.metrics.get("lora_rank", plan.pipeline.rank_of(r.client_id) or model_rank)) for r in accepted]
         delta, merges, stack_bytes = combine(plan.lora, state.params, [r.update for r in accepted], uniform,
-                                             scaling=plan.lora_scaling, generator=generator(plan.seed, rnd, 0xF10A))
+                                             scaling=plan.lora_scaling, generator=generator(plan.seed, rnd, 0xF10A),
+                                             ranks=ranks if model_rank else None)
         agg = Aggregate(delta, dict(state.extra))
         algo_state = {k: v for k, v in opt_state.items() if not k.startswith(MERGED)}
         params, algo_state = plan.algorithm.server_update(state.params, algo_state, agg.delta)
@@ -108,7 +118,9 @@ def run_round(
                 opt_state[key] = opt_state[key] + d if key in opt_state else d.clone()
             if plan.merge_base is not None:  # the base becomes W0 + the accumulated merge
                 plan.merge_base({k[len(MERGED):]: v for k, v in opt_state.items() if k.startswith(MERGED)})
-            agg.extra["flora_stack_bytes"] = stack_bytes
+            # every client must merge this round's stack too: the bytes it costs, by round
+            agg.extra[FLORA_STACKS] = [*agg.extra.get(FLORA_STACKS, []), [rnd, stack_bytes]]
+            agg.extra[FLORA_DENSE] = wire_size({k: v for k, v in opt_state.items() if k.startswith(MERGED)})
         extra = agg.extra
     elif accepted:
         agg = plan.pipeline.aggregate(accepted, state.extra, rnd, plan.aggregator)
@@ -116,6 +128,8 @@ def run_round(
         if agg.delta is not None:
             params, opt_state = plan.algorithm.server_update(state.params, opt_state, agg.delta)
     rejected = dropped + rejected
+    if FLORA_STACKS in extra:  # the cohort now holds every merge up to the previous round
+        extra[FLORA_SYNCED] = {**extra.get(FLORA_SYNCED, {}), **{str(t.client_id): rnd - 1 for t in tasks}}
     reported = {str(r.client_id): int(r.metrics["lora_rank"]) for r in results if "lora_rank" in r.metrics}
     if reported:
         extra[REPORTED_RANKS] = {**extra.get(REPORTED_RANKS, {}), **reported}
@@ -140,6 +154,28 @@ def sample_cohort(seed: int, rnd: int, num_clients: int, k: int) -> list[int]:
     return sorted(int(c) for c in rng.choice(num_clients, size=k, replace=False))
 
 
+FLORA_STACKS, FLORA_SYNCED, FLORA_DENSE = "flora_stacks", "flora_synced", "flora_dense_bytes"
+"""ServerState.extra keys (FLoRA): [round, bytes] of every merged stack; client -> the last round
+whose merge it holds; the encoded size of the whole merged delta (what a client far behind gets)."""
+
+
+def flora_catch_up(extra: "dict | Any", client: int) -> int:
+    """Bytes a FLoRA client downloads to bring its base up to date: the stacks merged since it
+    last took part, or the whole merged delta if that is smaller."""
+    stacks = extra.get(FLORA_STACKS)
+    if not stacks:
+        return 0
+    since = int(extra.get(FLORA_SYNCED, {}).get(str(client), 0))
+    missing = sum(int(b) for r, b in stacks if int(r) > since)
+    return min(missing, int(extra.get(FLORA_DENSE, missing))) if missing else 0
+
+
+def wire_size(tensors: NamedTensors) -> int:
+    from fedfm import wire
+
+    return wire.encoded_size(tensors)
+
+
 REPORTED_RANKS = "lora_ranks"
 """ServerState.extra key: client -> the LoRA rank it last reported (HetLoRA self-pruning)."""
 
@@ -152,8 +188,6 @@ def make_tasks(state: ServerState, rnd: int, cohort: Sequence[int], plan: RoundP
     from fedfm.adapters.ranks import RANK
 
     payload = {**plan.algorithm.client_payload(state.opt_state), **plan.pipeline.client_payload(state.extra)}
-    if state.extra.get("flora_stack_bytes"):  # FLoRA: last round's stacked factors, for the client's own merge
-        payload["extra_bytes_down"] = int(state.extra["flora_stack_bytes"])
     caps = caps or {}
     tasks = []
     for c in cohort:
@@ -162,6 +196,9 @@ def make_tasks(state: ServerState, rnd: int, cohort: Sequence[int], plan: RoundP
         if pruned is not None:
             rank = int(pruned) if rank is None else min(rank, int(pruned))
         own = {**({MAX_STEPS: caps[c]} if c in caps else {}), **({RANK: rank} if rank is not None else {})}
+        catch_up = flora_catch_up(state.extra, c)
+        if catch_up:
+            own["extra_bytes_down"] = catch_up
         tasks.append(ClientTask(round=rnd, client_id=c, params=state.params, seed=client_seed(plan.seed, rnd, c),
                                 payload={**payload, **own} if own else payload))
     return tasks

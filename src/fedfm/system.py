@@ -295,7 +295,8 @@ class DeadlinePlan:
 
 def plan_deadline(profile: SystemProfile, cohort: Sequence[int],
                   planned_steps: Union[int, Mapping[int, int]], deadline: Optional[float],
-                  stragglers: Stragglers, bytes_down: float = 0, bytes_up: float = 0) -> DeadlinePlan:
+                  stragglers: Stragglers, bytes_down: Union[float, Mapping[int, float]] = 0,
+                  bytes_up: Union[float, Mapping[int, float]] = 0) -> DeadlinePlan:
     """Which clients of ``cohort`` finish by ``deadline``, and the round's simulated time.
 
     Client ``c`` can complete ``k = floor((deadline - transfer) / step_time(c))`` steps
@@ -323,7 +324,9 @@ def plan_deadline(profile: SystemProfile, cohort: Sequence[int],
         raise ConfigError(f"deadline must be positive seconds or None, got {deadline}")
     if len(set(cohort)) != len(cohort):
         raise ValueError(f"cohort has duplicate clients: {list(cohort)}")
-    transfer = profile.transfer_time(bytes_down) + profile.transfer_time(bytes_up)
+    def _bytes(b: Union[float, Mapping[int, float]], c: int) -> float:
+        return float(b[c]) if isinstance(b, Mapping) else float(b)
+
     steps: dict[int, int] = {}
     dropped: dict[int, str] = {}
     cut = False
@@ -331,6 +334,7 @@ def plan_deadline(profile: SystemProfile, cohort: Sequence[int],
         c = int(c)
         n = _planned(planned_steps, c)
         step = profile.step_time(c)
+        transfer = profile.transfer_time(_bytes(bytes_down, c)) + profile.transfer_time(_bytes(bytes_up, c))
         if deadline is None:
             k = n
         else:
@@ -354,8 +358,8 @@ def plan_deadline(profile: SystemProfile, cohort: Sequence[int],
     if cut:
         round_time = float(deadline)
     else:
-        round_time = max((profile.client_time(c, k, bytes_down, bytes_up) for c, k in steps.items()),
-                         default=0.0)
+        round_time = max((profile.client_time(c, k, _bytes(bytes_down, c), _bytes(bytes_up, c))
+                          for c, k in steps.items()), default=0.0)
     return DeadlinePlan(steps=steps, dropped=dropped, round_time=round_time)
 
 

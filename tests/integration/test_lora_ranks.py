@@ -119,6 +119,13 @@ def test_vectorised_clients_agree_with_heterogeneous_ranks(tiny_cfg):
     (['adapter.aggregation="ffa"'], "ffa"),
     (['adapter.aggregation="hetlora"', 'aggregator.name="median"'], "mean"),
     (['adapter.aggregation="flexlora"', "secagg.enabled=true"], "secure aggregation"),
+    (['algorithm.name="fednova"'], "not a training step"),
+    (['privacy.mechanism="dpsgd"', "privacy.noise_multiplier=1.0"], "DP-SGD"),
+    (["adapter.rank=8", 'adapter.aggregation="hetlora"', 'privacy.mechanism="local"', "privacy.noise_multiplier=1.0",
+      "privacy.clip=1.0"], "self_prune"),
+    (['adapter.aggregation="flora"', "runtime.workers=2"], "workers"),
+    (['adapter.aggregation="flora"', 'federation.mode="async"', "federation.buffer=2"], "async"),
+    (["adapter.rank=8", 'adapter.aggregation="hetlora"', 'personalization.method="fedper"'], "personal"),
 ])
 def test_bad_rank_settings_refused_at_load(tiny_cfg, overrides, match):
     with pytest.raises(ConfigError, match=match):
@@ -196,3 +203,32 @@ def test_hetlora_self_pruning_shrinks_ranks_and_payloads(tiny_cfg):
 def test_hetlora_pruning_resumes_exactly(tiny_cfg, interrupted_equals_full):
     interrupted_equals_full(tiny_cfg(*RANKS, 'adapter.aggregation="hetlora"', "adapter.prune_gamma=0.5",
                                      "adapter.prune_lam=1.0", "federation.rounds=3"))
+
+
+def test_flora_clients_download_the_stacks_they_missed(tiny_cfg):
+    """A client that sat out rounds downloads every stack merged since it last took part (or the
+    whole merged delta if smaller); a stack's size follows its cohort's real ranks."""
+    from fedfm.round import FLORA_DENSE, FLORA_STACKS, flora_catch_up
+
+    exp = Experiment.build(tiny_cfg(*RANKS, 'adapter.aggregation="flora"', "federation.clients_per_round=2"))
+    state = exp.initial_state()
+    cohorts = []
+    for _ in range(4):
+        seen, before = {}, state
+        state, _ = run_round(state, exp.plan, lambda r: seen.__setitem__(r.client_id, r))
+        for c, r in seen.items():
+            rank = exp.plan.pipeline.rank_of(c) or 8
+            assert r.bytes_down == wire.encoded_size(truncate(before.params, rank)) + flora_catch_up(before.extra, c)
+        cohorts.append(sorted(seen))
+    assert any(flora_catch_up(state.extra, c) > 0 for c in range(4))
+    stacks = state.extra[FLORA_STACKS]
+    assert [r for r, _ in stacks] == [1, 2, 3, 4]
+    sizes = {}
+    for (rnd, size), cohort in zip(stacks, cohorts):
+        total = sum(exp.plan.pipeline.rank_of(c) or 8 for c in cohort)
+        sizes.setdefault(total, set()).add(size)
+    assert all(len(v) == 1 for v in sizes.values())  # the size depends on the cohort's ranks only
+    if len(sizes) > 1:
+        small, large = min(sizes), max(sizes)
+        assert next(iter(sizes[small])) < next(iter(sizes[large]))
+    assert state.extra[FLORA_DENSE] > 0

@@ -74,7 +74,8 @@ def test_fedrep_trains_head_then_body(tiny_cfg):
     run_round(exp.initial_state(), exp.plan, lambda r: results.__setitem__(r.client_id, r))
     for c, r in results.items():  # one epoch of ceil(n / 16) batches for each phase, capped
         per_epoch = -(-len(exp.data.train[c]) // 16)
-        assert r.metrics["steps"] == 2 + min(3, per_epoch)  # head_steps exactly, then the body's
+        # head_steps exactly, then the body's; "steps" counts the shared body's (SCAFFOLD's K, FedNova's a_i)
+        assert r.metrics["head_steps"] == 2 and r.metrics["steps"] == min(3, per_epoch)
 
 
 def test_ditto_personal_model_is_pulled_to_the_global_one(tiny_cfg):

@@ -158,7 +158,35 @@ def test_fednova_with_equal_steps_is_fedavg():
     (['algorithm.name="scaffold"', 'client.optimizer="sgd"', "client.momentum=0.9"], "momentum"),
     (['algorithm.name="scaffold"', 'client.optimizer="sgd"', "secagg.enabled=true"], "secure aggregation"),
     (['algorithm.name="fednova"', 'privacy.mechanism="central"', "privacy.noise_multiplier=1.0"], "privacy"),
+    (['algorithm.name="scaffold"', 'client.optimizer="sgd"', 'runtime.name="flower-sim"'], "inprocess"),
+    (['algorithm.name="scaffold"', 'client.optimizer="sgd"', 'aggregator.name="median"'], "robust"),
 ])
 def test_bad_algorithm_combinations_refused(overrides, match):
     with pytest.raises(ConfigError, match=match):
         load_config(None, overrides)
+
+
+def test_scaffold_client_that_sends_nothing_keeps_its_control_variate():
+    """A client whose update is NaN sends nothing; its c_i must not absorb the NaN."""
+    H, b, steps = _problem()
+    algorithm = build_algorithm(AlgorithmConfig(name="scaffold"), ClientConfig(optimizer="sgd", lr=LR), N)
+    trainer = QuadraticTrainer(algorithm, H, b, steps)
+    runtime = InProcessRuntime(trainer)
+    plan = RoundPlan(algorithm=algorithm, aggregator=WeightedMean("uniform"), runtime=runtime, num_clients=N,
+                     clients_per_round=N, seed=0)
+    params = {"w": torch.zeros(DIM, dtype=torch.float64)}
+    state, _ = run_round(ServerState(round=0, params=params, opt_state=algorithm.init_state(params)), plan)
+    kept = runtime.client_states[2]["algo/c/w"].clone()
+    trainer.b = b.copy()
+    trainer.b[2] = np.nan
+    state, report = run_round(state, plan)
+    assert [r["client"] for r in report.rejected] == [2]
+    assert torch.equal(runtime.client_states[2]["algo/c/w"], kept)
+    assert torch.isfinite(state.opt_state["c/w"]).all()
+
+
+def test_fednova_counts_a_reported_step_count_below_one_as_one():
+    alg = build_algorithm(AlgorithmConfig(name="fednova"), ClientConfig(optimizer="sgd"), 2)
+    ups = [ModelUpdate(delta={"w": torch.tensor([1.0])}, weight=1.0, num_examples=1) for _ in range(2)]
+    out, _ = alg.before_aggregate(ups, [{"steps": 1e-6}, {"steps": 1.0}], {}, 2, uniform=True)
+    assert [float(o.delta["w"]) for o in out] == [1.0, 1.0]

@@ -157,8 +157,8 @@ def check_rank_fits(handle: Any, rank: int, method: str) -> None:
 
 
 def combine(strategy: Any, params: NamedTensors, updates: Sequence[Any], uniform: bool, *,
-            scaling: float = 1.0, generator: Optional[torch.Generator] = None
-            ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], int]:
+            scaling: float = 1.0, generator: Optional[torch.Generator] = None,
+            ranks: Optional[Sequence[int]] = None) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], int]:
     """One round of a LoRA-aware strategy (hetlora, flexlora, flora) as a pseudo-gradient: the
     clients' trained params (global + delta, full rank, zero-padded) combined by ``strategy``, minus
     the global params, so any server optimizer applies it (FedAvg with server_lr 1: the new params).
@@ -168,7 +168,7 @@ def combine(strategy: Any, params: NamedTensors, updates: Sequence[Any], uniform
     and the encoded size of the stacked factors every client must download to merge them too
     (0 for the other strategies)."""
     from fedfm import wire
-    from fedfm.adapters.lora_aggregation import LoraRound, flora_stack, group_lora
+    from fedfm.adapters.lora_aggregation import LoraRound, group_lora
 
     clients = [{k: params[k] + u.delta[k] for k in params} for u in updates]
     weights = None if uniform else [float(u.weight) for u in updates]
@@ -176,12 +176,14 @@ def combine(strategy: Any, params: NamedTensors, updates: Sequence[Any], uniform
     out = strategy.aggregate(LoraRound(global_params=params, client_params=clients, weights=weights,
                                        scalings=[scaling] * len(clients) if flora else None, generator=generator))
     stack_bytes = 0
-    if flora:
-        groups = [group_lora(c) for c in clients]
+    if flora:  # the stack [A_1; ...; A_n], [p_1 s B_1, ..., p_n s B_n] at the clients' real ranks
+        glob = group_lora(params)
+        total = sum(ranks) if ranks is not None else len(clients) * max(f.rank for f in glob.factors.values())
         stacks = {}
         for m in out.merge_into_base:
-            A, B = flora_stack([g.factors[m] for g in groups], weights, [scaling] * len(groups))
-            stacks[f"{m}.A"], stacks[f"{m}.B"] = A, B
+            A, B = glob.factors[m]
+            stacks[f"{m}.A"] = torch.empty((total, A.shape[1]), dtype=A.dtype, device="meta")
+            stacks[f"{m}.B"] = torch.empty((B.shape[0], total), dtype=B.dtype, device="meta")
         stack_bytes = wire.encoded_size(stacks)
     return {k: out.params[k] - params[k] for k in params}, dict(out.merge_into_base), stack_bytes
 

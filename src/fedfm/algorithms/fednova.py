@@ -54,7 +54,10 @@ class FedNova(FedAvg):
     def before_aggregate(self, updates: "list[ModelUpdate]", metrics: "Sequence[Mapping[str, float]]",
                          state: "NamedTensors", num_clients: int, uniform: bool
                          ) -> "tuple[list[ModelUpdate], dict[str, torch.Tensor]]":
-        a = [normaliser(float(m.get("steps", 0.0)), self.momentum) for m in metrics]
+        # a client that trained took at least one step: a reported count below 1 (a broken or lying
+        # client) would blow its update up by tau_eff / a_i, so it counts as 1
+        a = [normaliser(max(float(m.get("steps", 0.0)), 1.0), self.momentum) if m.get("steps", 0.0) > 0 else 0.0
+             for m in metrics]
         raw = [1.0 if uniform else u.weight for u in updates]
         total = sum(raw)
         tau_eff = sum(w / total * ai for w, ai in zip(raw, a))

@@ -99,11 +99,16 @@ def payload_bytes(payload: Mapping[str, Any]) -> int:
 def download_bytes(task: ClientTask, broadcast: int) -> int:
     """Bytes a client downloads for ``task``: the broadcast (``broadcast`` bytes encoded), or only
     the LoRA components a lower-rank client holds, plus the algorithm's tensors."""
+    return params_bytes(task, broadcast) + payload_bytes(task.payload) + int(task.payload.get("extra_bytes_down", 0))
+
+
+def params_bytes(task: ClientTask, broadcast: int) -> int:
+    """Bytes of the trainable params a client holds for ``task``: the broadcast (``broadcast``
+    bytes encoded), or only the LoRA components of a lower-rank client."""
     from fedfm.adapters.ranks import RANK, truncate
 
     rank = task.payload.get(RANK)
-    own = broadcast if rank is None else wire.encoded_size(truncate(task.params, int(rank)))
-    return own + payload_bytes(task.payload) + int(task.payload.get("extra_bytes_down", 0))
+    return broadcast if rank is None else wire.encoded_size(truncate(task.params, int(rank)))
 
 
 def train_client(trainer: ClientTrainer, task: ClientTask, pipeline: "UpdatePipeline",
@@ -130,7 +135,8 @@ def client_step(task: ClientTask, trained: NamedTensors, pipeline: "UpdatePipeli
     delta = sub({k: trained[k] for k in task.params}, task.params)
     pipe, algo, own = split_state(state)
     out = pipeline.client_step(delta, task, pipe)
-    if has_client_state(algorithm):
+    if has_client_state(algorithm) and out.payload is not None:
+        # a client that sends nothing (a NaN/Inf update) keeps its old state: the update never counts
         algo = algorithm.client_finish(task, delta, metrics) or {}
     return out, merge_state(out.state, algo, personal or own)
 
