@@ -40,7 +40,7 @@ def weighted_sum(trees: "Sequence[NamedTensors]", weights: Iterable[float]) -> "
         else:
             acc = torch.zeros(ref.shape, dtype=torch.float64)
             for t, w in zip(trees, ws):
-                acc += t[k].to(torch.float64) * w
+                acc.add_(t[k], alpha=w)  # upcast inside the kernel: no float64 temporaries per client
         out[k] = acc.to(ref.dtype)
     return out
 
