@@ -315,6 +315,7 @@ class _Progress:
         if self.quiet:
             return
         console.log(f"{line['phase']} stage {line['round']}: train_loss {line['train_loss']:.4f}"
+                    + (f", staleness {line['staleness']}" if line.get("staleness") else "")
                     + (f", val_loss {line['val_loss']:.4f}" if line.get("val_loss") is not None else "")
                     + (f", test acc {acc:.4f}, f1 {line['f1']:.4f}" if acc is not None else "")
                     + (f", rejected {len(line['rejected'])}" if line["rejected"] else ""))
@@ -325,7 +326,10 @@ def _print_summary(summary: dict, target: Path) -> None:
     console.print(
         f"[bold green]done[/]: {summary['rounds']} rounds, test accuracy "
         f"{acc:.4f}, macro-F1 {f1:.4f}, up {summary['bytes_up'] / 1e6:.2f} MB, "
-        f"down {summary['bytes_down'] / 1e6:.2f} MB, {summary['wall_s']:.1f} s. Outputs in {target}"
+        f"down {summary['bytes_down'] / 1e6:.2f} MB, {summary['wall_s']:.1f} s"
+        + (f" (simulated {summary['sim_time_s']:.1f} s)" if summary.get("sim_time_s") else "")
+        + (f", clients' own data: accuracy {summary['local_accuracy']:.4f}" if summary.get("local_accuracy") else "")
+        + f". Outputs in {target}"
         if acc is not None else f"done: outputs in {target}"
     )
 
