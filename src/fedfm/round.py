@@ -72,10 +72,13 @@ def run_round(
 
         # each client's own transfers: its download exactly, its reply estimated as its trainable
         # params (uncompressed: the reply's real size is known only once it is sent)
-        full = wire.encoded_size(state.params)
-        planned = make_tasks(state, rnd, cohort, plan)
-        down = {t.client_id: download_bytes(t, full) for t in planned}
-        up = {t.client_id: params_bytes(t, full) for t in planned}
+        down: "dict[int, int] | int" = 0
+        up: "dict[int, int] | int" = 0
+        if plan.system.profile.bandwidth is not None:  # transfers take simulated time only then
+            full = wire.encoded_size(state.params)
+            planned = make_tasks(state, rnd, cohort, plan)
+            down = {t.client_id: download_bytes(t, full) for t in planned}
+            up = {t.client_id: params_bytes(t, full) for t in planned}
         part = participation(plan.system, rnd, cohort, down, up)
         cohort, caps, dropped = part.clients, part.caps, part.dropped
         sim_time = clock(state.extra) + part.round_time

@@ -108,3 +108,17 @@ def test_async_run_resumes_with_its_updates_in_flight(tiny_cfg, interrupted_equa
 def test_bad_system_settings_refused(tiny_cfg, overrides, match):
     with pytest.raises(ConfigError, match=match):
         tiny_cfg(*FOUR, *overrides)
+
+
+def test_transfer_time_follows_each_clients_own_bytes(tmp_path, tiny_cfg):
+    """With a bandwidth, a client's simulated time is its steps plus its own download and (estimated)
+    upload: a rank-2 client moves fewer bytes than a rank-8 one."""
+    cfg = tiny_cfg("federation.clients=2", "federation.clients_per_round=2", "client.max_steps=3",
+                   'adapter.method="lora"', "adapter.rank=[2, 8]", "clients.bandwidth=1e5", "federation.rounds=1")
+    seen = {}
+    run(cfg, tmp_path / "r", Callbacks(on_client=lambda r: seen.__setitem__(r.client_id, r)))
+    line = _lines(tmp_path / "r")[1]
+    assert seen[0].bytes_down < seen[1].bytes_down
+    # uncompressed replies: the upload estimate is the client's own params, what it then sent
+    expect = max(r.metrics["steps"] * 1.0 + (r.bytes_down + r.bytes_up) / 1e5 for r in seen.values())
+    assert line["sim_time_s"] == pytest.approx(expect, rel=1e-9)
