@@ -128,7 +128,7 @@ class Personalization:
                                       regularize=False)
             personal = {k: handle.trainable[k].detach().clone() for k in self.initial}
             metrics = _metrics(trainer, task, losses, seen)
-            metrics["personal_loss"] = float(np.mean(p_losses)) if p_losses else float("nan")
+            metrics["personal_loss"] = sum(p_losses) / len(p_losses) if p_losses else float("nan")
             return {**shared, **{PREFIX + k: v for k, v in personal.items()}}, metrics
         handle.set_params(mine, partial=True)
         if self.method == "fedrep":
@@ -150,7 +150,7 @@ class Personalization:
 
 def _metrics(trainer: "LocalTrainer", task: "ClientTask", losses: list, seen: int) -> dict[str, float]:
     n = len(trainer.client_indices[task.client_id])
-    return {"train_loss": float(np.mean(losses)) if losses else float("nan"), "steps": float(len(losses)),
+    return {"train_loss": sum(losses) / len(losses) if losses else float("nan"), "steps": float(len(losses)),
             "num_examples": float(n), "examples_seen": float(seen)}
 
 

@@ -245,9 +245,9 @@ def _norms64(deltas: Sequence[NamedTensors], params: NamedTensors) -> list[float
     if len(deltas) == 1 or sum(params[k].numel() for k in floats) * len(deltas) > (1 << 24):
         return [l2_norm64(d) for d in deltas]
     sq = torch.zeros(len(deltas), dtype=torch.float64)
-    for k in floats:
-        stacked = torch.stack([d[k] for d in deltas]).to(torch.float64)
-        sq += stacked.reshape(len(deltas), -1).square().sum(1)
+    for k in floats:  # vector_norm upcasts inside the kernel: no float64 copy of the stack
+        stacked = torch.stack([d[k] for d in deltas]).reshape(len(deltas), -1)
+        sq += torch.linalg.vector_norm(stacked, dim=1, dtype=torch.float64).square()
     return [math.sqrt(float(v)) for v in sq]
 
 

@@ -68,7 +68,7 @@ class LocalTrainer:
             rng = np.random.default_rng(task.seed)
             losses, seen = self.fit(task, rng, list(self.handle.trainable))
             n = len(self.client_indices[task.client_id])
-            metrics = {"train_loss": float(np.mean(losses)) if losses else float("nan"),
+            metrics = {"train_loss": sum(losses) / len(losses) if losses else float("nan"),
                        "steps": float(len(losses)), "num_examples": float(n), "examples_seen": float(seen)}
             trained = self.handle.get_params()
         shared = {k: trained[k] for k in task.params}
@@ -105,7 +105,7 @@ class LocalTrainer:
         if new < r:
             zero_tail_(trained, new)
         n = len(self.client_indices[task.client_id])
-        metrics = {"train_loss": float(np.mean(losses)) if losses else float("nan"), "steps": float(len(losses)),
+        metrics = {"train_loss": sum(losses) / len(losses) if losses else float("nan"), "steps": float(len(losses)),
                    "num_examples": float(n), "examples_seen": float(seen), RANK: float(new)}
         out = {k: trained[k] for k in task.params}
         return {**self._after_training(task, out), "personal/" + OWN_RANK: torch.tensor(new)}, metrics
@@ -123,7 +123,8 @@ class LocalTrainer:
         fixed = [p for k, p in params.items() if k not in train]
         for p in fixed:
             p.requires_grad_(False)
-        self.handle.model.train()
+        if not self.handle.model.training:  # evaluate() restores the mode it found; this walks every module
+            self.handle.model.train()
         model, optimizer, release = self._prepare(task, list(train.values()))
         losses, seen = [], 0
         try:
