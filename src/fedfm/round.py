@@ -102,6 +102,7 @@ def run_round(
                                   plan.num_clients, uniform)
         accepted = [replace(r, update=u) for r, u in zip(accepted, updates)]
     if accepted and plan.lora is not None:  # hetlora, flexlora, flora: the strategy combines the factors
+        from fedfm import wire
         from fedfm.adapters.ranks import MERGED, combine
         from fedfm.pipeline import Aggregate, generator
 
@@ -123,7 +124,7 @@ def run_round(
                 plan.merge_base({k[len(MERGED):]: v for k, v in opt_state.items() if k.startswith(MERGED)})
             # every client must merge this round's stack too: the bytes it costs, by round
             agg.extra[FLORA_STACKS] = [*agg.extra.get(FLORA_STACKS, []), [rnd, stack_bytes]]
-            agg.extra[FLORA_DENSE] = wire_size({k: v for k, v in opt_state.items() if k.startswith(MERGED)})
+            agg.extra[FLORA_DENSE] = wire.encoded_size({k: v for k, v in opt_state.items() if k.startswith(MERGED)})
         extra = agg.extra
     elif accepted:
         agg = plan.pipeline.aggregate(accepted, state.extra, rnd, plan.aggregator)
@@ -171,12 +172,6 @@ def flora_catch_up(extra: "dict | Any", client: int) -> int:
     since = int(extra.get(FLORA_SYNCED, {}).get(str(client), 0))
     missing = sum(int(b) for r, b in stacks if int(r) > since)
     return min(missing, int(extra.get(FLORA_DENSE, missing))) if missing else 0
-
-
-def wire_size(tensors: NamedTensors) -> int:
-    from fedfm import wire
-
-    return wire.encoded_size(tensors)
 
 
 REPORTED_RANKS = "lora_ranks"
