@@ -113,8 +113,9 @@ def participation(system: SystemPlan, rnd: int, cohort: Sequence[int],
     what each client downloads; ``bytes_up``: an estimate of its reply (default: the same; the
     reply's real size, after compression, is known only once it is sent)."""
     reachable = system.profile.available(rnd, cohort)
+    present = set(reachable)
     gone = [{"client": c, "reason": "unavailable: dropped out of the round (clients.availability)"}
-            for c in cohort if c not in set(reachable)]
+            for c in cohort if c not in present]
     plan: DeadlinePlan = plan_deadline(system.profile, reachable, {c: system.planned_steps[c] for c in reachable},
                                        system.deadline, system.stragglers, bytes_down=bytes_down,
                                        bytes_up=bytes_down if bytes_up is None else bytes_up)

@@ -98,7 +98,7 @@ def test_async_run_resumes_with_its_updates_in_flight(tiny_cfg, interrupted_equa
 
 
 @pytest.mark.parametrize("overrides, match", [
-    (["clients.speed=[1, 2]"], "2"),
+    (["clients.speed=[1, 2]"], "2 values but there are 4 clients"),
     (["clients.availability=1.5"], "availability"),
     (['clients.speed="tiers"'], "tiers"),
     (['federation.mode="async"', "federation.buffer=5"], "buffer"),
