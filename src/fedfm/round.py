@@ -84,18 +84,24 @@ def run_round(
         sim_time = clock(state.extra) + part.round_time
     # 2. one task per client: the global trainable params, the algorithm's and the pipeline's payload
     tasks = make_tasks(state, rnd, cohort, plan, caps)
-    # 3. the runtime delivers tasks and collects payloads (each client: train, clip, noise, compress)
-    results = plan.runtime.run(tasks, on_result)
+    hook = getattr(plan.algorithm, "before_aggregate", None)
+    stream = MeanStream(plan, state.params) if streams(plan, state.params, len(cohort)) else None
+    # 3. the runtime delivers tasks and collects payloads (each client: train, clip, noise, compress);
+    # with a plain mean, each update is folded into the sum as it arrives (4. and 5. per client)
+    results = plan.runtime.run(tasks, on_result if stream is None else stream.feeding(on_result))
     # 4. decode payloads; reject malformed ones (bad payload, NaN/Inf, wrong names or shapes)
-    received = [plan.pipeline.receive(r, state.params) for r in results]
-    accepted, rejected = screen(received, state.params, plan.max_update_norm)
+    if stream is not None:
+        received = stream.finish(results)
+        accepted, rejected = [], list(stream.rejected)
+    else:
+        received = [plan.pipeline.receive(r, state.params) for r in results]
+        accepted, rejected = screen(received, state.params, plan.max_update_norm)
     for r in rejected:
         log.warning("round %d: update of client %d rejected: %s", rnd, r["client"], r["reason"])
     for r in dropped:
         log.info("round %d: client %d left out: %s", rnd, r["client"], r["reason"])
     # 5. aggregate (secure sum, central noise or the aggregator) and 6. the algorithm's server step
     params, opt_state, extra = dict(state.params), dict(state.opt_state), dict(state.extra)
-    hook = getattr(plan.algorithm, "before_aggregate", None)
     if accepted and hook is not None:  # FedNova's normalisation, SCAFFOLD's control variate
         uniform = getattr(plan.aggregator, "weighting", "examples") == "uniform"
         updates, opt_state = hook([r.update for r in accepted], [r.metrics for r in accepted], opt_state,
@@ -126,6 +132,10 @@ def run_round(
             agg.extra[FLORA_STACKS] = [*agg.extra.get(FLORA_STACKS, []), [rnd, stack_bytes]]
             agg.extra[FLORA_DENSE] = wire.encoded_size({k: v for k, v in opt_state.items() if k.startswith(MERGED)})
         extra = agg.extra
+    elif stream is not None:
+        delta = stream.mean()
+        if delta is not None:
+            params, opt_state = plan.algorithm.server_update(state.params, opt_state, delta)
     elif accepted:
         agg = plan.pipeline.aggregate(accepted, state.extra, rnd, plan.aggregator)
         extra, rejected = agg.extra, rejected + list(agg.dropped)
@@ -144,12 +154,98 @@ def run_round(
 
         extra[SIM_TIME] = sim_time
     report = RoundReport(
-        round=rnd, clients=tuple(cohort), train_loss=_weighted_loss(accepted),
+        round=rnd, clients=tuple(cohort), train_loss=_weighted_loss(accepted) if stream is None else stream.loss(),
         bytes_up=sum(r.bytes_up for r in results), bytes_down=sum(r.bytes_down for r in results),
         rejected=tuple(rejected), wall_s=time.perf_counter() - start,
         epsilon=epsilon, delta=plan.pipeline.delta if epsilon is not None else None, sim_time=sim_time,
     )
     return ServerState(round=rnd, params=params, opt_state=opt_state, extra=extra), report
+
+
+STREAM_ABOVE = 1 << 24
+"""Elements (cohort x trainable size) above which a round streams its mean: 64 MB of float32
+updates. Below it, the batch path's stacked screen and mean are faster (one call per name for the
+cohort, where streaming costs a few calls per client) and its memory is small anyway."""
+
+
+def streams(plan: RoundPlan, params: Optional[NamedTensors] = None, cohort: int = 0) -> bool:
+    """Whether the round folds each update into a running mean as it arrives: the cohort's
+    updates are large (``STREAM_ABOVE``; always, without ``params``) and the aggregation is the
+    plain weighted mean, with nothing that needs the cohort's updates together (a robust rule,
+    secure aggregation, central DP's clipping and noise, DP-SGD's accounting, an algorithm's
+    cohort hook, a LoRA-aware strategy)."""
+    from fedfm.aggregators.mean import WeightedMean
+
+    if params is not None and sum(v.numel() for v in params.values()) * cohort <= STREAM_ABOVE:
+        return False
+    return (type(plan.aggregator) is WeightedMean and plan.lora is None and plan.pipeline.secagg is None
+            and plan.pipeline.mechanism in ("none", "local")
+            and getattr(plan.algorithm, "before_aggregate", None) is None)
+
+
+class MeanStream:
+    """The weighted mean, accumulated one update at a time (float64, as ``weighted_sum``).
+
+    Each result is decoded and checked as it arrives, exactly as ``screen`` would, and folded into
+    sum_i w_i delta_i; the runtime then keeps the result without its payload. A round of clients
+    with large updates holds one float64 accumulator instead of every client's update (full
+    fine-tuning of a 11M-parameter model over 10 clients: 88 MB instead of 440 MB). The mean is
+    the batch one up to float64 rounding: sum_i (w_i / W) delta_i and (sum_i w_i delta_i) / W
+    differ in the last float64 bits, which casting back to float32 almost always erases."""
+
+    def __init__(self, plan: RoundPlan, params: NamedTensors) -> None:
+        self.plan, self.params = plan, params
+        self.uniform = getattr(plan.aggregator, "weighting", "examples") == "uniform"
+        self.acc: Optional[dict[str, Any]] = None
+        self.total = 0.0
+        self.loss_sum, self.examples = 0.0, 0
+        self.kept: dict[int, ClientResult] = {}  # client -> its result as kept (no payload, no update)
+        self.rejected: list[dict] = []
+
+    def feeding(self, on_result: Optional[Callable[[ClientResult], Any]]) -> Callable[[ClientResult], ClientResult]:
+        def fold(result: ClientResult) -> ClientResult:
+            if on_result is not None:
+                on_result(result)
+            return self.add(result)
+        return fold
+
+    def add(self, result: ClientResult) -> ClientResult:
+        import torch
+
+        r = self.plan.pipeline.receive(result, self.params)
+        reason = r.error if r.update is None else check_structure(r.update, self.params)
+        if reason is None:
+            reason = check_values(r.update, l2_norm64(r.update.delta), self.plan.max_update_norm)  # type: ignore[union-attr]
+        if reason is not None:
+            self.rejected.append({"client": r.client_id, "reason": reason})
+        else:
+            u = r.update
+            w = 1.0 if self.uniform else float(u.weight)  # type: ignore[union-attr]
+            if self.acc is None:
+                self.acc = {k: torch.zeros(v.shape, dtype=torch.float64) for k, v in self.params.items()}
+            for k, v in u.delta.items():  # type: ignore[union-attr]
+                self.acc[k].add_(v, alpha=w)  # upcast inside the kernel: no float64 copy of the update
+            self.total += w
+            self.loss_sum += float(r.metrics["train_loss"]) * u.num_examples  # type: ignore[union-attr]
+            self.examples += u.num_examples  # type: ignore[union-attr]
+        kept = replace(r, payload=None, update=None)
+        self.kept[r.client_id] = kept
+        return kept
+
+    def finish(self, results: Sequence[ClientResult]) -> list[ClientResult]:
+        """The round's results as kept; a result the runtime did not hand to ``on_result`` is folded now."""
+        return [self.kept[r.client_id] if r.client_id in self.kept else self.add(r) for r in results]
+
+    def mean(self) -> Optional[dict[str, Any]]:
+        if self.acc is None:
+            return None
+        if self.total <= 0:
+            raise ValueError(f"aggregation weights sum to {self.total}; need a positive total")
+        acc, self.acc = self.acc, None  # divided in place: the mean is formed once
+        return {k: a.div_(self.total).to(self.params[k].dtype) for k, a in acc.items()}
+
+    def loss(self) -> float:
+        return self.loss_sum / self.examples if self.examples else float("nan")
 
 
 def sample_cohort(seed: int, rnd: int, num_clients: int, k: int) -> list[int]:

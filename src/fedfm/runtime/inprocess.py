@@ -34,20 +34,22 @@ class InProcessRuntime:
     client_states: "dict[int, dict[str, torch.Tensor]]" = field(default_factory=dict)
 
     def run(
-        self, tasks: Sequence[ClientTask], on_result: Optional[Callable[[ClientResult], None]] = None
+        self, tasks: Sequence[ClientTask],
+        on_result: "Optional[Callable[[ClientResult], Optional[ClientResult]]]" = None,
     ) -> list[ClientResult]:
         results = []
-        encoded: dict[int, bytes] = {}  # the broadcast is encoded once per distinct params object
+        sizes: dict[int, int] = {}  # the broadcast is encoded once per distinct params object
         decoded: dict[int, NamedTensors] = {}  # and decoded once: clients only read it
         arrived = []
         for task in tasks:
             key = id(task.params)
-            if key not in encoded:
-                encoded[key] = wire.encode(task.params)
-                decoded[key] = wire.decode(encoded[key])
+            if key not in sizes:
+                blob = wire.encode(task.params)  # only its size is kept: the bytes are freed here
+                sizes[key], decoded[key] = len(blob), wire.decode(blob)
+                del blob
             state = self.client_states.get(task.client_id)
             arrived.append((with_client_state(replace(task, params=decoded[key]), self.trainer, state),
-                            download_bytes(task, len(encoded[key]))))
+                            download_bytes(task, sizes[key])))
         group = len(arrived) if isinstance(self.trainer, VectorizedTrainer) else 1
         for start in range(0, len(arrived), group):
             chunk = arrived[start:start + group]
@@ -55,7 +57,7 @@ class InProcessRuntime:
             for (task, bytes_down), (params, metrics) in zip(chunk, trained):
                 result = self._client_turn(task, params, metrics, bytes_down)
                 if on_result is not None:
-                    on_result(result)
+                    result = on_result(result) or result
                 results.append(result)
         return results
 

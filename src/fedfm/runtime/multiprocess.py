@@ -137,7 +137,8 @@ class MultiProcessRuntime:
     # ------------------------------------------------------------------ public
 
     def run(
-        self, tasks: Sequence[ClientTask], on_result: Optional[Callable[[ClientResult], None]] = None
+        self, tasks: Sequence[ClientTask],
+        on_result: "Optional[Callable[[ClientResult], Optional[ClientResult]]]" = None,
     ) -> list[ClientResult]:
         """Train every task on the workers; results (and ``on_result`` calls) in task order."""
         if self._closed:
@@ -177,7 +178,7 @@ class MultiProcessRuntime:
                         else:
                             self.client_states.pop(result.client_id, None)
                     if on_result is not None:
-                        on_result(result)
+                        result = on_result(result) or result
                     out.append(result)
         except BaseException:
             self._abandon_busy()

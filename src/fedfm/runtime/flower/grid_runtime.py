@@ -44,7 +44,8 @@ class GridRuntime:
     nodes: dict[int, int] = field(default_factory=dict)  # partition id -> node id
 
     def run(
-        self, tasks: Sequence[ClientTask], on_result: Optional[Callable[[ClientResult], None]] = None
+        self, tasks: Sequence[ClientTask],
+        on_result: "Optional[Callable[[ClientResult], Optional[ClientResult]]]" = None,
     ) -> list[ClientResult]:
         self._wait_for_nodes()
         down: dict[int, bytes] = {}
@@ -77,11 +78,11 @@ class GridRuntime:
                 self.nodes.pop(cid, None)  # look it up again next round (it may rejoin as a new node)
                 results[cid] = _failed(cid, f"no reply from SuperNode {node} within {self.round_timeout:g} s")
         ordered = [results[t.client_id] for t in tasks]
-        for r in ordered:
+        for i, r in enumerate(ordered):
             if r.error:
                 log.warning("client %d left out of round %d: %s", r.client_id, tasks[0].round, r.error)
             if on_result is not None:
-                on_result(r)
+                ordered[i] = on_result(r) or r
         return ordered
 
     def _decode(self, cid: int, reply: Message) -> ClientResult:

@@ -1,0 +1,137 @@
+"""The round's streaming mean: each update is folded into the sum as it arrives, and the runtime
+keeps the result without its payload. Checked against the batch path (screen + WeightedMean) and
+against the formula sum_i w_i delta_i / sum_i w_i written out in float64."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from fedfm.aggregators.mean import WeightedMean
+from fedfm.aggregators.base import AGGREGATORS
+import fedfm.aggregators.robust  # noqa: F401  (registers the robust rules)
+from fedfm.algorithms.fedavg import FedAvg
+from fedfm.pipeline import UpdatePipeline
+import fedfm.round
+from fedfm.round import RoundPlan, run_round, streams
+from fedfm.types import ClientResult, ServerState
+
+
+@dataclass(frozen=True)
+class BatchMean(WeightedMean):
+    """The same rule, but not the exact type: the round takes its batch path (the reference)."""
+
+
+class ScriptedRuntime:
+    """Hands back prepared payloads in task order, calling ``on_result`` as the real runtimes do."""
+
+    def __init__(self, payloads: dict[int, tuple[dict, float, float]]) -> None:
+        self.payloads = payloads
+        self.kept: list[ClientResult] = []
+
+    def run(self, tasks, on_result=None):
+        out = []
+        for t in tasks:
+            payload, n, loss = self.payloads[t.client_id]
+            r = ClientResult(client_id=t.client_id, update=None, metrics={"train_loss": loss, "num_examples": n},
+                             bytes_up=100, bytes_down=100, payload={k: v.clone() for k, v in payload.items()})
+            if on_result is not None:
+                r = on_result(r) or r
+            out.append(r)
+        self.kept = out
+        return out
+
+
+@pytest.fixture(autouse=True)
+def _stream_small_updates(monkeypatch):
+    """These updates are tiny; rounds stream only large ones unless the threshold is lowered."""
+    monkeypatch.setattr(fedfm.round, "STREAM_ABOVE", 0)
+
+
+def _params():
+    g = torch.Generator().manual_seed(0)
+    return {"a": torch.randn(3, 4, generator=g), "b": torch.randn(5, generator=g)}
+
+
+def _payloads(params):
+    g = torch.Generator().manual_seed(1)
+    out = {}
+    for c in range(7):
+        delta = {k: torch.randn(v.shape, generator=g) * (c + 1) for k, v in params.items()}
+        out[c] = (delta, float(3 + 5 * c), 0.1 * c + 0.05)
+    out[2][0]["a"][1, 1] = float("nan")  # NaN: rejected
+    out[4][0]["b"].mul_(1e8)  # beyond the sanity bound: rejected
+    out[5] = ({"a": torch.zeros(4, 3), "b": torch.zeros(5)}, 8.0, 0.3)  # wrong shape: rejected
+    return out
+
+
+def _round(aggregator, payloads, params):
+    runtime = ScriptedRuntime(payloads)
+    plan = RoundPlan(algorithm=FedAvg(), aggregator=aggregator, runtime=runtime, num_clients=7,
+                     clients_per_round=7, seed=0)
+    state = ServerState(round=0, params=params, opt_state={})
+    new, report = run_round(state, plan)
+    return new, report, runtime, plan
+
+
+@pytest.mark.parametrize("weighting", ["examples", "uniform"])
+def test_streaming_mean_equals_the_batch_path_and_the_formula(weighting):
+    params = _params()
+    payloads = _payloads(params)
+    s_state, s_rep, s_rt, s_plan = _round(WeightedMean(weighting), payloads, params)
+    b_state, b_rep, b_rt, b_plan = _round(BatchMean(weighting), payloads, params)
+    assert streams(s_plan) and not streams(b_plan)
+    # the same updates rejected, for the same reasons, in the same order
+    assert [r["client"] for r in s_rep.rejected] == [2, 4, 5]
+    assert s_rep.rejected == b_rep.rejected
+    assert s_rep.train_loss == pytest.approx(b_rep.train_loss, rel=1e-15)
+    # the formula, in float64, over the accepted clients 0, 1, 3, 6
+    ok = [0, 1, 3, 6]
+    w = {c: (payloads[c][1] if weighting == "examples" else 1.0) for c in ok}
+    for k, p in params.items():
+        want = p.double() + sum(w[c] * payloads[c][0][k].double() for c in ok) / sum(w.values())
+        torch.testing.assert_close(s_state.params[k].double(), want, rtol=2e-7, atol=1e-7)
+        # batch and streaming differ at most in float64 rounding, i.e. by at most one float32 ulp
+        torch.testing.assert_close(s_state.params[k], b_state.params[k], rtol=1.2e-7, atol=1e-7)
+    examples = [payloads[c][1] for c in ok]
+    assert s_rep.train_loss == pytest.approx(
+        sum(payloads[c][2] * n for c, n in zip(ok, examples)) / sum(examples), rel=1e-12)
+
+
+def test_streaming_round_keeps_no_payloads():
+    params = _params()
+    _, _, runtime, _ = _round(WeightedMean(), _payloads(params), params)
+    assert [r.client_id for r in runtime.kept] == list(range(7))
+    assert all(r.payload is None and r.update is None for r in runtime.kept)
+    # the metrics survive (the progress bar and the cost read them)
+    assert all(math.isfinite(r.metrics["train_loss"]) for r in runtime.kept)
+
+
+def test_streaming_round_with_every_update_rejected_leaves_params():
+    params = _params()
+    bad = {c: ({k: torch.full_like(v, float("inf")) for k, v in params.items()}, 4.0, 0.2) for c in range(7)}
+    new, report, _, _ = _round(WeightedMean(), bad, params)
+    assert len(report.rejected) == 7
+    assert all(torch.equal(new.params[k], params[k]) for k in params)
+    assert math.isnan(report.train_loss)
+
+
+def test_what_cannot_stream_takes_the_batch_path():
+    base = dict(algorithm=FedAvg(), runtime=ScriptedRuntime({}), num_clients=2, clients_per_round=2, seed=0)
+    assert streams(RoundPlan(aggregator=WeightedMean(), **base))
+    assert not streams(RoundPlan(aggregator=AGGREGATORS.get("median")(), **base))
+    assert not streams(RoundPlan(aggregator=WeightedMean(), pipeline=UpdatePipeline(mechanism="central"), **base))
+    assert not streams(RoundPlan(aggregator=WeightedMean(), pipeline=UpdatePipeline(mechanism="dpsgd"), **base))
+    assert streams(RoundPlan(aggregator=WeightedMean(), pipeline=UpdatePipeline(mechanism="local"), **base))
+
+
+def test_only_large_cohort_updates_stream(monkeypatch):
+    monkeypatch.setattr(fedfm.round, "STREAM_ABOVE", 100)
+    plan = RoundPlan(algorithm=FedAvg(), aggregator=WeightedMean(), runtime=ScriptedRuntime({}), num_clients=9,
+                     clients_per_round=9, seed=0)
+    params = {"a": torch.zeros(5, 4)}  # 20 elements
+    assert not streams(plan, params, 5)  # 100 elements: the batch path
+    assert streams(plan, params, 6)  # 120
