@@ -50,7 +50,7 @@ class RoundPlan:
 
 
 def run_round(
-    state: ServerState, plan: RoundPlan, on_result: Optional[Callable[[ClientResult], None]] = None
+    state: ServerState, plan: RoundPlan, on_result: Optional[Callable[[ClientResult], Any]] = None
 ) -> tuple[ServerState, RoundReport]:
     """Run round ``state.round + 1`` and return the new state and its report."""
     if plan.system is not None and plan.system.mode == "async":
@@ -169,16 +169,18 @@ cohort, where streaming costs a few calls per client) and its memory is small an
 
 
 def streams(plan: RoundPlan, params: Optional[NamedTensors] = None, cohort: int = 0) -> bool:
-    """Whether the round folds each update into a running mean as it arrives: the cohort's
-    updates are large (``STREAM_ABOVE``; always, without ``params``) and the aggregation is the
+    """Whether the round folds each update into a running mean as it arrives: the runtime hands
+    over results one at a time and keeps what ``on_result`` returns (``streams_results``), the
+    cohort's updates are large (``STREAM_ABOVE``, at least 3 clients; not checked without
+    ``params``) and the aggregation is the
     plain weighted mean, with nothing that needs the cohort's updates together (a robust rule,
     secure aggregation, central DP's clipping and noise, DP-SGD's accounting, an algorithm's
     cohort hook, a LoRA-aware strategy)."""
     from fedfm.aggregators.mean import WeightedMean
 
-    if params is not None and sum(v.numel() for v in params.values()) * cohort <= STREAM_ABOVE:
-        return False
-    return (type(plan.aggregator) is WeightedMean and plan.lora is None and plan.pipeline.secagg is None
+    if params is not None and (cohort < 3 or sum(v.numel() for v in params.values()) * cohort <= STREAM_ABOVE):
+        return False  # one or two clients: the batch path holds no more than the float64 sum would
+    return (getattr(plan.runtime, "streams_results", False) and type(plan.aggregator) is WeightedMean and plan.lora is None and plan.pipeline.secagg is None
             and plan.pipeline.mechanism in ("none", "local")
             and getattr(plan.algorithm, "before_aggregate", None) is None)
 
@@ -205,7 +207,8 @@ class MeanStream:
     def feeding(self, on_result: Optional[Callable[[ClientResult], Any]]) -> Callable[[ClientResult], ClientResult]:
         def fold(result: ClientResult) -> ClientResult:
             if on_result is not None:
-                on_result(result)
+                returned = on_result(result)
+                result = returned if isinstance(returned, ClientResult) else result
             return self.add(result)
         return fold
 
@@ -233,16 +236,33 @@ class MeanStream:
         return kept
 
     def finish(self, results: Sequence[ClientResult]) -> list[ClientResult]:
-        """The round's results as kept; a result the runtime did not hand to ``on_result`` is folded now."""
-        return [self.kept[r.client_id] if r.client_id in self.kept else self.add(r) for r in results]
+        """The round's results as kept; a result the runtime did not hand to ``on_result`` is folded now.
+
+        Raises:
+            RuntimeError: the runtime returned a result other than the one ``on_result`` handed
+                back (it changed a result after it was folded in: the sum cannot honour that)."""
+        out = []
+        for r in results:
+            if r.client_id not in self.kept:
+                out.append(self.add(r))
+            elif r is not self.kept[r.client_id]:
+                raise RuntimeError(f"the runtime returned a different result for client {r.client_id} than the one "
+                                   "on_result handed back; a streaming round has already summed the first one "
+                                   "(set streams_results = False on a runtime that rewrites results)")
+            else:
+                out.append(r)
+        return out
 
     def mean(self) -> Optional[dict[str, Any]]:
         if self.acc is None:
             return None
         if self.total <= 0:
             raise ValueError(f"aggregation weights sum to {self.total}; need a positive total")
-        acc, self.acc = self.acc, None  # divided in place: the mean is formed once
-        return {k: a.div_(self.total).to(self.params[k].dtype) for k, a in acc.items()}
+        acc, self.acc = self.acc, None  # divided in place, and each float64 sum freed once cast
+        out = {}
+        for k in list(acc):
+            out[k] = acc.pop(k).div_(self.total).to(self.params[k].dtype)
+        return out
 
     def loss(self) -> float:
         return self.loss_sum / self.examples if self.examples else float("nan")

@@ -58,12 +58,23 @@ def test_streaming_rounds_agree_with_the_batch_path_and_across_runtimes(tiny_cfg
 
     import fedfm.round
 
-    sets = [*BASE, 'adapter.method="full"', "federation.rounds=2"]  # every parameter travels
+    # every parameter travels; clients of unequal sizes, so weighting by examples matters
+    sets = [*BASE, 'adapter.method="full"', "federation.rounds=2", 'partition.method="dirichlet"',
+            "partition.alpha=0.3"]
     finals, metrics = {}, {}
+    add, folded = fedfm.round.MeanStream.add, []
+
+    def spy(self, result):
+        folded.append(result.client_id)
+        return add(self, result)
+
+    monkeypatch.setattr(fedfm.round.MeanStream, "add", spy)
     for name, stream, workers in (("batch", False, 1), ("stream", True, 1), ("stream-workers", True, 2)):
         monkeypatch.setattr(fedfm.round, "STREAM_ABOVE", 0 if stream else 1 << 62)
         out = tmp_path / name
+        folded.clear()
         run(tiny_cfg(*sets, f"runtime.workers={workers}"), out)
+        assert len(folded) == (6 if stream else 0), name  # 2 rounds x 3 clients, summed as they arrived
         finals[name] = load_state(out / "checkpoints")[0].params
         metrics[name] = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     for k, v in finals["stream"].items():

@@ -5,7 +5,7 @@ against the formula sum_i w_i delta_i / sum_i w_i written out in float64."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pytest
 import torch
@@ -26,10 +26,13 @@ class BatchMean(WeightedMean):
 
 
 class ScriptedRuntime:
-    """Hands back prepared payloads in task order, calling ``on_result`` as the real runtimes do."""
+    """Hands back prepared payloads in task order, calling ``on_result`` as the real runtimes do
+    (``call_back=False``: never calls it, as a runtime that hands results over only at the end)."""
 
-    def __init__(self, payloads: dict[int, tuple[dict, float, float]]) -> None:
-        self.payloads = payloads
+    streams_results = True
+
+    def __init__(self, payloads: dict[int, tuple[dict, float, float]], call_back: bool = True) -> None:
+        self.payloads, self.call_back = payloads, call_back
         self.kept: list[ClientResult] = []
 
     def run(self, tasks, on_result=None):
@@ -38,11 +41,33 @@ class ScriptedRuntime:
             payload, n, loss = self.payloads[t.client_id]
             r = ClientResult(client_id=t.client_id, update=None, metrics={"train_loss": loss, "num_examples": n},
                              bytes_up=100, bytes_down=100, payload={k: v.clone() for k, v in payload.items()})
-            if on_result is not None:
+            if on_result is not None and self.call_back:
                 r = on_result(r) or r
             out.append(r)
         self.kept = out
         return out
+
+
+class RewritingRuntime(ScriptedRuntime):
+    """Changes a result after handing it to ``on_result`` (what a streaming round cannot honour)."""
+
+    def run(self, tasks, on_result=None):
+        out = super().run(tasks, on_result)
+        return [replace(out[0], metrics={**out[0].metrics, "train_loss": 9.0}), *out[1:]]
+
+
+@pytest.fixture
+def folds(monkeypatch):
+    """Counts the updates the streaming mean folds in (proof that a round streamed)."""
+    calls = []
+    add = fedfm.round.MeanStream.add
+
+    def spy(self, result):
+        calls.append(result.client_id)
+        return add(self, result)
+
+    monkeypatch.setattr(fedfm.round.MeanStream, "add", spy)
+    return calls
 
 
 @pytest.fixture(autouse=True)
@@ -68,8 +93,8 @@ def _payloads(params):
     return out
 
 
-def _round(aggregator, payloads, params):
-    runtime = ScriptedRuntime(payloads)
+def _round(aggregator, payloads, params, runtime=None):
+    runtime = runtime or ScriptedRuntime(payloads)
     plan = RoundPlan(algorithm=FedAvg(), aggregator=aggregator, runtime=runtime, num_clients=7,
                      clients_per_round=7, seed=0)
     state = ServerState(round=0, params=params, opt_state={})
@@ -78,11 +103,15 @@ def _round(aggregator, payloads, params):
 
 
 @pytest.mark.parametrize("weighting", ["examples", "uniform"])
-def test_streaming_mean_equals_the_batch_path_and_the_formula(weighting):
+@pytest.mark.parametrize("call_back", [True, False])
+def test_streaming_mean_equals_the_batch_path_and_the_formula(weighting, call_back, folds):
     params = _params()
     payloads = _payloads(params)
-    s_state, s_rep, s_rt, s_plan = _round(WeightedMean(weighting), payloads, params)
+    s_state, s_rep, s_rt, s_plan = _round(WeightedMean(weighting), payloads, params,
+                                          ScriptedRuntime(payloads, call_back=call_back))
+    assert folds == list(range(7))  # it streamed (without call-backs: every result folded at the end)
     b_state, b_rep, b_rt, b_plan = _round(BatchMean(weighting), payloads, params)
+    assert folds == list(range(7))  # the batch path folds nothing
     assert streams(s_plan) and not streams(b_plan)
     # the same updates rejected, for the same reasons, in the same order
     assert [r["client"] for r in s_rep.rejected] == [2, 4, 5]
@@ -99,6 +128,23 @@ def test_streaming_mean_equals_the_batch_path_and_the_formula(weighting):
     examples = [payloads[c][1] for c in ok]
     assert s_rep.train_loss == pytest.approx(
         sum(payloads[c][2] * n for c, n in zip(ok, examples)) / sum(examples), rel=1e-12)
+
+
+def test_a_runtime_that_rewrites_a_folded_result_is_refused():
+    params = _params()
+    payloads = _payloads(params)
+    with pytest.raises(RuntimeError, match="different result for client 0"):
+        _round(WeightedMean(), payloads, params, RewritingRuntime(payloads))
+
+
+def test_a_runtime_that_does_not_declare_streaming_takes_the_batch_path(folds):
+    class Plain(ScriptedRuntime):
+        streams_results = False
+
+    params = _params()
+    payloads = _payloads(params)
+    _, report, runtime, _ = _round(WeightedMean(), payloads, params, Plain(payloads))
+    assert folds == [] and [r["client"] for r in report.rejected] == [2, 4, 5]
 
 
 def test_streaming_round_keeps_no_payloads():
@@ -135,3 +181,5 @@ def test_only_large_cohort_updates_stream(monkeypatch):
     params = {"a": torch.zeros(5, 4)}  # 20 elements
     assert not streams(plan, params, 5)  # 100 elements: the batch path
     assert streams(plan, params, 6)  # 120
+    big = {"a": torch.zeros(100, 4)}
+    assert not streams(plan, big, 2) and streams(plan, big, 3)  # one or two clients never stream

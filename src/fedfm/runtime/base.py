@@ -16,5 +16,7 @@ class Runtime(Protocol):
 
         ``on_result`` is called with each result as it arrives. If it returns a ClientResult, the
         runtime keeps that one instead: the round's streaming mean folds an update into its sum and
-        hands back the result without its payload, so a round never holds every client's update."""
+        hands back the result without its payload, so a round never holds every client's update.
+        Such rounds are used only with runtimes whose class sets ``streams_results = True``: they
+        hand each result over as it arrives and never change it afterwards."""
         ...

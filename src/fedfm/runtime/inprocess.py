@@ -33,6 +33,10 @@ class InProcessRuntime:
     pipeline: UpdatePipeline = field(default_factory=UpdatePipeline)
     client_states: "dict[int, dict[str, torch.Tensor]]" = field(default_factory=dict)
 
+    streams_results = True
+    """Each result goes to ``on_result`` as its client finishes, and the runtime keeps what it
+    returns: a round may sum updates as they arrive (fedfm.round.MeanStream)."""
+
     def run(
         self, tasks: Sequence[ClientTask],
         on_result: "Optional[Callable[[ClientResult], Optional[ClientResult]]]" = None,
@@ -57,7 +61,8 @@ class InProcessRuntime:
             for (task, bytes_down), (params, metrics) in zip(chunk, trained):
                 result = self._client_turn(task, params, metrics, bytes_down)
                 if on_result is not None:
-                    result = on_result(result) or result
+                    returned = on_result(result)
+                    result = returned if isinstance(returned, ClientResult) else result
                 results.append(result)
         return results
 

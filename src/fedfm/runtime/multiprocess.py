@@ -114,6 +114,9 @@ class MultiProcessRuntime:
             fedfm.runtime.store.ClientStateStore for very many clients); a new dict when None.
     """
 
+    streams_results = True
+    """Results go to ``on_result`` in task order as they arrive; the runtime keeps what it returns."""
+
     def __init__(self, trainer: ClientTrainer, pipeline: Optional[UpdatePipeline] = None, workers: int = 2,
                  client_states: "Optional[MutableMapping[int, dict[str, torch.Tensor]]]" = None) -> None:
         if workers < 1:
@@ -178,7 +181,8 @@ class MultiProcessRuntime:
                         else:
                             self.client_states.pop(result.client_id, None)
                     if on_result is not None:
-                        result = on_result(result) or result
+                        returned = on_result(result)
+                        result = returned if isinstance(returned, ClientResult) else result
                     out.append(result)
         except BaseException:
             self._abandon_busy()

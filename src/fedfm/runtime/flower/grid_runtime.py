@@ -56,7 +56,9 @@ class GridRuntime:
             if node is None:
                 results[task.client_id] = _failed(task.client_id, f"no SuperNode holds partition {task.client_id}")
                 continue
-            blob = down.setdefault(id(task.params), wire.encode(task.params))
+            if id(task.params) not in down:  # the broadcast is encoded once per round, not once per task
+                down[id(task.params)] = wire.encode(task.params)
+            blob = down[id(task.params)]
             content = codec.encode_task(task, blob)
             messages.append(Message(content=content, dst_node_id=node, message_type=codec.TRAIN,
                                     group_id=str(task.round)))
@@ -82,7 +84,8 @@ class GridRuntime:
             if r.error:
                 log.warning("client %d left out of round %d: %s", r.client_id, tasks[0].round, r.error)
             if on_result is not None:
-                ordered[i] = on_result(r) or r
+                returned = on_result(r)
+                ordered[i] = returned if isinstance(returned, ClientResult) else r
         return ordered
 
     def _decode(self, cid: int, reply: Message) -> ClientResult:
