@@ -14,7 +14,7 @@ from fedfm.aggregators.base import Aggregator
 from fedfm.algorithms.base import Algorithm
 from fedfm.pipeline import UpdatePipeline
 from fedfm.runtime.base import Runtime
-from fedfm.tensors import l2_norm64
+from fedfm.tensors import add_into_, l2_norm64
 from fedfm.types import ClientResult, ClientTask, ModelUpdate, NamedTensors, RoundReport, ServerState
 
 if TYPE_CHECKING:
@@ -227,7 +227,7 @@ class MeanStream:
             if self.acc is None:
                 self.acc = {k: torch.zeros(v.shape, dtype=torch.float64) for k, v in self.params.items()}
             for k, v in u.delta.items():  # type: ignore[union-attr]
-                self.acc[k].add_(v, alpha=w)  # upcast inside the kernel: no float64 copy of the update
+                add_into_(self.acc[k], v, w)
             self.total += w
             self.loss_sum += float(r.metrics["train_loss"]) * u.num_examples  # type: ignore[union-attr]
             self.examples += u.num_examples  # type: ignore[union-attr]
@@ -356,7 +356,7 @@ def _norms64(deltas: Sequence[NamedTensors], params: NamedTensors) -> list[float
     if len(deltas) == 1 or sum(params[k].numel() for k in floats) * len(deltas) > (1 << 24):
         return [l2_norm64(d) for d in deltas]
     sq = torch.zeros(len(deltas), dtype=torch.float64)
-    for k in floats:  # vector_norm upcasts inside the kernel: no float64 copy of the stack
+    for k in floats:  # at most 16M elements stacked (above), so at most a 128 MB float64 temporary
         stacked = torch.stack([d[k] for d in deltas]).reshape(len(deltas), -1)
         sq += torch.linalg.vector_norm(stacked, dim=1, dtype=torch.float64).square()
     return [math.sqrt(float(v)) for v in sq]

@@ -59,3 +59,33 @@ def test_stacked_weighted_sum_equals_the_loop(monkeypatch):
 def test_encoded_size_memo_tracks_each_layout():
     for t in (_tree(0), {"x": torch.zeros(2, dtype=torch.float16)}, _tree(3), {"a": torch.zeros(3, 4)}):
         assert wire.encoded_size(t) == len(wire.encode(t))
+
+
+def test_sliced_float64_arithmetic_equals_the_whole_tensor_at_once(monkeypatch):
+    """add_into_ and the float64 norms go by slices for large float32 tensors (SLICE lowered here
+    so a small tensor is sliced): each element's sum is the same operation, so the accumulation is
+    bit for bit the one-shot add_; norms agree with float64 arithmetic on the whole tensor."""
+    from fedfm.privacy.mechanisms import global_norm
+
+    monkeypatch.setattr(tensors, "SLICE", 7)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(5, 11, generator=g)  # 55 elements: 8 slices, the last one short
+    acc = torch.randn(5, 11, generator=g, dtype=torch.float64)
+    want = acc.clone().add_(x, alpha=0.37)
+    got = tensors.add_into_(acc, x, 0.37)
+    assert got is acc and torch.equal(acc, want)
+    assert len(list(tensors.slices(x))) == 8 and torch.equal(torch.cat(list(tensors.slices(x))), x.reshape(-1))
+    ref = float(x.double().square().sum().sqrt())
+    assert tensors.l2_norm64({"x": x, "y": x[:1]}) == pytest.approx(
+        float(torch.cat([x.reshape(-1), x[:1].reshape(-1)]).double().square().sum().sqrt()), rel=1e-14)
+    assert global_norm({"x": x}) == pytest.approx(ref, rel=1e-14)
+    x[2, 3] = float("inf")
+    assert tensors.l2_norm64({"x": x}) == float("inf")
+    x[2, 3] = float("nan")
+    assert tensors.l2_norm64({"x": x}) != tensors.l2_norm64({"x": x})  # NaN
+    # the weighted sum's large-tensor path (accumulated by add_into_) equals the formula in float64
+    monkeypatch.setattr(tensors, "_STACK_LIMIT", 1)
+    trees = [{"w": torch.randn(40, generator=g)} for _ in range(3)]
+    out = tensors.weighted_sum(trees, [0.2, 0.3, 0.5])
+    exact = sum(w * t["w"].double() for w, t in zip([0.2, 0.3, 0.5], trees)).float()
+    torch.testing.assert_close(out["w"], exact, rtol=1.2e-7, atol=1e-12)  # float64 rounding, then the cast

@@ -34,9 +34,12 @@ def global_norm(delta: "NamedTensors") -> float:
     """L2 norm of all tensors together (as one flat vector), accumulated in float64."""
     import torch
 
+    from fedfm.tensors import slices
+
     sq = 0.0
     for v in delta.values():
-        sq += float(torch.sum(v.to(torch.float64).square()))
+        for c in slices(v):  # a large tensor by slices: no float64 copy of the whole of it
+            sq += float(torch.sum(c.to(torch.float64).square()))
     return math.sqrt(sq)
 
 
@@ -222,6 +225,8 @@ def _fixed_denominator_mean(updates: "Sequence[NamedTensors]", denominator: int)
     """sum_i u_i / denominator in float64, cast back to each tensor's dtype."""
     import torch
 
+    from fedfm.tensors import add_into_
+
     first = updates[0]
     for u in updates[1:]:
         if list(u) != list(first):
@@ -230,7 +235,7 @@ def _fixed_denominator_mean(updates: "Sequence[NamedTensors]", denominator: int)
     for k, ref in first.items():
         acc = torch.zeros(ref.shape, dtype=torch.float64, device=ref.device)
         for u in updates:
-            acc += u[k].to(torch.float64)
+            add_into_(acc, u[k])
         out[k] = (acc / denominator).to(ref.dtype)
     return out
 
