@@ -85,7 +85,10 @@ def test_unregistered_or_keyless_node_is_refused(tmp_path, cluster):
 
 
 def test_killed_node_does_not_stall_the_round_and_rejoins(tmp_path, tiny_cfg, cluster):
-    cfg = _flower(tiny_cfg, cluster, "federation.rounds=3", "runtime.round_timeout=150", "runtime.min_clients=3")
+    # 600 local steps make each round last seconds even on an idle machine, so the kill below
+    # lands while round 2 is in flight (with the tiny config's 3 steps, round 2 could finish first)
+    cfg = _flower(tiny_cfg, cluster, "federation.rounds=3", "runtime.round_timeout=150", "runtime.min_clients=3",
+                  "client.max_steps=600", "client.epochs=100")
     out = tmp_path / "run"
     victim = "2"
 
@@ -96,7 +99,7 @@ def test_killed_node_does_not_stall_the_round_and_rejoins(tmp_path, tiny_cfg, cl
             if metrics.is_file() and len(metrics.read_text().splitlines()) >= 2:  # round 1 is done
                 break
             time.sleep(0.5)
-        time.sleep(2.0)  # round 2's messages are out
+        time.sleep(1.0)  # round 2's messages are out (they go as soon as round 1's line is written)
         psutil.Process(cluster.nodes[victim]).send_signal(signal.SIGKILL)
         # the SuperLink refuses a SIGKILLed node's key until it marks the node offline (~60 s)
         while deploy.online_nodes(cluster) >= NODES:
