@@ -384,7 +384,7 @@ def run_way(way: str, wl: str, a: argparse.Namespace, work: Path, tag: str) -> d
     wdir.mkdir(parents=True, exist_ok=True)
     result = wdir / "result.json"
     if way.startswith("fedfm-"):
-        ns = argparse.Namespace(threads=1, rounds=a.rounds, workers=2)
+        ns = argparse.Namespace(threads=1, rounds=a.rounds, workers=2, plot=True)  # fedfm writes metrics.png
         cmd = overhead.command(way[len("fedfm-"):], CONFIGS[wl], wdir / "run", ns)
     else:
         python = a.pfl_python if way == "pfl-research" else sys.executable
