@@ -10,6 +10,7 @@ from dataclasses import dataclass, replace
 import pytest
 import torch
 
+from fedfm import wire
 from fedfm.aggregators.mean import WeightedMean
 from fedfm.aggregators.base import AGGREGATORS
 import fedfm.aggregators.robust  # noqa: F401  (registers the robust rules)
@@ -183,3 +184,38 @@ def test_only_large_cohort_updates_stream(monkeypatch):
     assert streams(plan, params, 6)  # 120
     big = {"a": torch.zeros(100, 4)}
     assert not streams(plan, big, 2) and streams(plan, big, 3)  # one or two clients never stream
+
+
+def test_in_process_clients_read_the_servers_params_and_may_not_write_them():
+    """The in-process broadcast is the server's own tensors (no decoded copy); a trainer that
+    writes into them in place is caught by torch's version counters."""
+    from fedfm.round import make_tasks
+    from fedfm.runtime.inprocess import InProcessRuntime
+
+    class Writer:
+        def __init__(self, write):
+            self.write, self.seen = write, []
+
+        def train_many(self, tasks):
+            out = []
+            for t in tasks:
+                self.seen.append(t.params)
+                if self.write:
+                    t.params["b"].add_(1.0)
+                out.append(({k: v + 1 for k, v in t.params.items()}, {"train_loss": 0.1, "num_examples": 4.0}))
+            return out
+
+    params = _params()
+    for write in (False, True):
+        trainer = Writer(write)
+        runtime = InProcessRuntime(trainer)
+        plan = RoundPlan(algorithm=FedAvg(), aggregator=WeightedMean(), runtime=runtime, num_clients=3,
+                         clients_per_round=3, seed=0)
+        tasks = make_tasks(ServerState(round=0, params=params, opt_state={}), 1, [0, 1, 2], plan)
+        if not write:
+            results = runtime.run(tasks)
+            assert all(p is params for p in trainer.seen)  # no copy of the broadcast
+            assert [r.bytes_down for r in results] == [len(wire.encode(params))] * 3
+        else:
+            with pytest.raises(RuntimeError, match=r"wrote into the broadcast params in place \(b\)"):
+                runtime.run(tasks)

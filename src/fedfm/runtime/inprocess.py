@@ -1,12 +1,12 @@
 """The default runtime: every client runs in this process, one after another (or a cohort at a
-time, vectorised), on one shared model. The broadcast goes through the wire encoding once per
-round; a client's payload is handed to the server as is and its bytes are counted exactly as
-``wire.encode`` would write them (``wire.encoded_size``), so the bytes reported are the bytes a
-deployment moves, without serializing every client's update in memory."""
+time, vectorised), on one shared model. The broadcast and each client's payload are handed over
+as they are, and their bytes are counted exactly as ``wire.encode`` would write them
+(``wire.encoded_size``), so the bytes reported are the bytes a deployment moves, without
+serializing anything in memory."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 from fedfm import wire
@@ -42,18 +42,22 @@ class InProcessRuntime:
         on_result: "Optional[Callable[[ClientResult], Optional[ClientResult]]]" = None,
     ) -> list[ClientResult]:
         results = []
-        sizes: dict[int, int] = {}  # the broadcast is encoded once per distinct params object
-        decoded: dict[int, NamedTensors] = {}  # and decoded once: clients only read it
+        # The broadcast is what the server holds: clients read the server's own tensors (a wire
+        # round trip is lossless, so a decoded copy would be equal, bit for bit, and would cost a
+        # copy of every trainable parameter per round). Its bytes are counted exactly as
+        # wire.encode would write them. Clients only read it, and that is checked: torch counts
+        # in-place writes on every tensor (its version), so a client that wrote into the server's
+        # params is an error, not silent corruption.
+        sizes: dict[int, int] = {}
+        versions: list[tuple[NamedTensors, list[int]]] = []
         arrived = []
         for task in tasks:
             key = id(task.params)
             if key not in sizes:
-                blob = wire.encode(task.params)  # only its size is kept: the bytes are freed here
-                sizes[key], decoded[key] = len(blob), wire.decode(blob)
-                del blob
+                sizes[key] = wire.encoded_size(task.params)
+                versions.append((task.params, [v._version for v in task.params.values()]))
             state = self.client_states.get(task.client_id)
-            arrived.append((with_client_state(replace(task, params=decoded[key]), self.trainer, state),
-                            download_bytes(task, sizes[key])))
+            arrived.append((with_client_state(task, self.trainer, state), download_bytes(task, sizes[key])))
         group = len(arrived) if isinstance(self.trainer, VectorizedTrainer) else 1
         for start in range(0, len(arrived), group):
             chunk = arrived[start:start + group]
@@ -64,6 +68,11 @@ class InProcessRuntime:
                     returned = on_result(result)
                     result = returned if isinstance(returned, ClientResult) else result
                 results.append(result)
+        for params, before in versions:
+            written = [k for (k, v), b in zip(params.items(), before) if v._version != b]
+            if written:
+                raise RuntimeError(f"a client wrote into the broadcast params in place ({', '.join(written[:3])}); "
+                                   "clients must copy what they change (ModelHandle.set_params copies into the model)")
         return results
 
     @property
