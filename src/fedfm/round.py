@@ -172,16 +172,15 @@ def streams(plan: RoundPlan, params: Optional[NamedTensors] = None, cohort: int 
     """Whether the round folds each update into a running mean as it arrives: the runtime hands
     over results one at a time and keeps what ``on_result`` returns (``streams_results``), the
     cohort's updates are large (``STREAM_ABOVE``, at least 3 clients; not checked without
-    ``params``) and the aggregation is the
-    plain weighted mean, with nothing that needs the cohort's updates together (a robust rule,
-    secure aggregation, central DP's clipping and noise, DP-SGD's accounting, an algorithm's
-    cohort hook, a LoRA-aware strategy)."""
+    ``params``) and the aggregation is the plain weighted mean, with nothing that needs the
+    cohort's updates together (a robust rule, secure aggregation, central DP's clipping and
+    noise, DP-SGD's accounting, an algorithm's cohort hook, a LoRA-aware strategy)."""
     from fedfm.aggregators.mean import WeightedMean
 
     if params is not None and (cohort < 3 or sum(v.numel() for v in params.values()) * cohort <= STREAM_ABOVE):
         return False  # one or two clients: the batch path holds no more than the float64 sum would
-    return (getattr(plan.runtime, "streams_results", False) and type(plan.aggregator) is WeightedMean and plan.lora is None and plan.pipeline.secagg is None
-            and plan.pipeline.mechanism in ("none", "local")
+    return (getattr(plan.runtime, "streams_results", False) and type(plan.aggregator) is WeightedMean
+            and plan.lora is None and plan.pipeline.secagg is None and plan.pipeline.mechanism in ("none", "local")
             and getattr(plan.algorithm, "before_aggregate", None) is None)
 
 
