@@ -1,7 +1,15 @@
 """Serialization of what travels. Bytes are counted from these encodings, never estimated.
 
-safetensors is the format: no pickle (safe across institutions), a small JSON header,
-and the raw tensor bytes, so a payload's size is its parameters' bytes plus the header.
+The format is safetensors with its JSON header zlib-compressed: an 8-byte little-endian header
+length, the compressed header, then the raw little-endian tensor bytes. No pickle (safe across
+institutions), and a payload's size is its parameters' bytes plus a small header.
+
+Why compress the header: it names every tensor, and a compressed update is many small tensors
+(a 4-bit LoRA update of MiniLM is 216 entries: codes, minimums and steps per factor), so the
+plain JSON header was 18% of a 4-bit LoRA payload and 56% of a top-1% one. Names repeat
+("...layer.3.attention.self.query.lora_A.default.weight.q"), and zlib shrinks the header about
+8x. Both sides rebuild the standard safetensors bytes on decode, which the safetensors library
+then reads and validates.
 """
 
 from __future__ import annotations
@@ -19,8 +27,15 @@ _DTYPE_CODES = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16"
                 "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL"}
 
 
+MAX_HEADER = 64 << 20
+"""Largest decompressed header accepted (a bound against decompression bombs; a header is ~100
+bytes a tensor)."""
+_LEVEL = 6  # zlib's default level: within 1% of level 9 on headers, and deterministic
+
+
 def encode(tensors: "NamedTensors") -> bytes:
-    """Serialize name -> tensor to bytes in the safetensors format (order kept in a header field).
+    """Serialize name -> tensor to bytes (safetensors with a zlib-compressed header; the order is
+    kept in a header field).
 
     Written by hand rather than with ``safetensors.torch.save``: the format is an 8-byte header
     length, a JSON header and the raw little-endian tensor bytes, and writing it directly costs
@@ -43,9 +58,14 @@ def encode(tensors: "NamedTensors") -> bytes:
         header[name] = {"dtype": code, "shape": list(t.shape), "data_offsets": [offset, offset + len(raw)]}
         chunks.append(raw)
         offset += len(raw)
-    text = json.dumps(header, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as the library writes it
+    text = _compress(json.dumps(header, separators=(",", ":")).encode())
     return struct.pack("<Q", len(text)) + text + b"".join(chunks)
+
+
+def _compress(text: bytes) -> bytes:
+    import zlib
+
+    return zlib.compress(text, _LEVEL)
 
 
 def encoded_size(tensors: "NamedTensors") -> int:
@@ -78,8 +98,7 @@ def _encoded_size(tensors: "NamedTensors") -> int:
         size = t.numel() * t.element_size()
         header[name] = {"dtype": code, "shape": list(t.shape), "data_offsets": [offset, offset + size]}
         offset += size
-    text = len(json.dumps(header, separators=(",", ":")).encode())
-    return 8 + text + (-text % 8) + offset
+    return 8 + len(_compress(json.dumps(header, separators=(",", ":")).encode())) + offset
 
 
 def torch_uint8() -> "torch.dtype":
@@ -89,19 +108,42 @@ def torch_uint8() -> "torch.dtype":
 
 
 def decode(blob: bytes) -> "dict[str, torch.Tensor]":
-    """Inverse of :func:`encode`, preserving the sender's order."""
-    from safetensors.torch import load
+    """Inverse of :func:`encode`, preserving the sender's order.
 
-    tensors = load(blob)
-    order = _order(blob)
-    return {k: tensors[k] for k in order} if order else tensors
-
-
-def _order(blob: bytes) -> list[str]:
+    Raises:
+        ValueError: for bytes that are not an encoding (truncated, a header that does not
+            decompress or exceeds MAX_HEADER); safetensors' own errors for an invalid header.
+    """
     import json
     import struct
+    import zlib
+
+    from safetensors.torch import load
+
+    if len(blob) < 8:
+        raise ValueError(f"a payload is at least 8 bytes, got {len(blob)}")
+    (n,) = struct.unpack("<Q", blob[:8])
+    if 8 + n > len(blob):
+        raise ValueError(f"payload header of {n} bytes runs past the {len(blob)}-byte payload")
+    inflater = zlib.decompressobj()
+    try:
+        text = inflater.decompress(blob[8:8 + n], MAX_HEADER)
+    except zlib.error as e:
+        raise ValueError(f"payload header does not decompress: {e}") from None
+    if inflater.unconsumed_tail or not inflater.eof:
+        raise ValueError(f"payload header is truncated or longer than {MAX_HEADER} bytes decompressed")
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as the library writes it
+    tensors = load(struct.pack("<Q", len(text)) + text + blob[8 + n:])
+    order = json.loads(text).get("__metadata__", {}).get("order", "")
+    return {k: tensors[k] for k in order.split(",")} if order else tensors
+
+
+def as_safetensors(blob: bytes) -> bytes:
+    """The plain safetensors bytes of an encoding (its header decompressed), for other readers."""
+    import struct
+    import zlib
 
     (n,) = struct.unpack("<Q", blob[:8])
-    header = json.loads(blob[8 : 8 + n])
-    order = header.get("__metadata__", {}).get("order", "")
-    return order.split(",") if order else []
+    text = zlib.decompress(blob[8:8 + n])
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text + blob[8 + n:]

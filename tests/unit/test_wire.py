@@ -44,16 +44,16 @@ def test_hand_written_encoder_is_read_by_safetensors_bit_for_bit():
         "strided": torch.arange(12.0).reshape(3, 4).t(),  # not contiguous
     }
     blob = wire.encode(tensors)
-    back = load(blob)
+    back = load(wire.as_safetensors(blob))
     assert sorted(back) == sorted(tensors)
     for k, v in tensors.items():
         assert back[k].dtype == v.dtype and back[k].shape == v.shape
         assert torch.equal(back[k].view(-1).view(torch.uint8) if v.numel() else back[k], v.contiguous().view(-1).view(torch.uint8) if v.numel() else v), k
     assert list(wire.decode(blob)) == list(tensors)  # the sender's order survives
-    # the size is the data plus a header: 8 bytes of length, JSON padded to a multiple of 8
+    # the size is the data plus a header: 8 bytes of length and the compressed JSON
     data = sum(v.numel() * v.element_size() for v in tensors.values())
     header = int.from_bytes(blob[:8], "little")
-    assert len(blob) == 8 + header + data and header % 8 == 0
+    assert len(blob) == 8 + header + data
     with pytest.raises(ValueError, match="complex64"):
         wire.encode({"z": torch.zeros(2, dtype=torch.complex64)})
 
@@ -74,3 +74,38 @@ def test_encoded_size_equals_the_encoding_length(seed):
         name = f"base_model.layer.{i}.lora_{'AB'[i % 2]}.weight" * (1 + i % 3)
         tensors[name] = torch.zeros(shape, dtype=dtype)
     assert wire.encoded_size(tensors) == len(wire.encode(tensors))
+
+
+def test_header_is_compressed_and_the_plain_form_is_standard_safetensors():
+    """Many similar names (a quantized LoRA update): the header is zlib's size of the JSON the
+    safetensors format would carry, several times smaller than that JSON."""
+    import json
+    import zlib
+
+    names = [f"base_model.model.bert.encoder.layer.{i}.attention.self.{m}.lora_{f}.default.weight.{p}"
+             for i in range(6) for m in ("query", "key", "value") for f in "AB" for p in ("q", "lo", "scale")]
+    tensors = {n: torch.zeros(7, dtype=torch.uint8) for n in names}
+    blob = wire.encode(tensors)
+    plain = wire.as_safetensors(blob)
+    n_plain = int.from_bytes(plain[:8], "little")
+    text = plain[8:8 + n_plain].rstrip(b" ")
+    assert json.loads(text)["__metadata__"]["order"] == ",".join(names)
+    assert int.from_bytes(blob[:8], "little") == len(zlib.compress(text, 6))
+    assert len(blob) - 7 * len(names) < n_plain / 5  # the compressed header is over 5x smaller
+    assert wire.encoded_size(tensors) == len(blob)
+
+
+def test_bad_bytes_are_refused_with_the_reason():
+    blob = wire.encode({"w": torch.arange(4.0)})
+    with pytest.raises(ValueError, match="at least 8 bytes"):
+        wire.decode(blob[:5])
+    with pytest.raises(ValueError, match="runs past"):
+        wire.decode(blob[:12])
+    with pytest.raises(ValueError, match="does not decompress"):
+        wire.decode(blob[:8] + bytes(len(blob) - 8))
+    import struct
+    import zlib
+
+    bomb = zlib.compress(b" " * (wire.MAX_HEADER + 10))
+    with pytest.raises(ValueError, match="longer than"):
+        wire.decode(struct.pack("<Q", len(bomb)) + bomb)
