@@ -5,7 +5,8 @@ killed at any moment leaves either the previous checkpoint or the new one, never
 
 Files: ``state-XXXXX.safetensors`` (params, optimizer state), ``clients-XXXXX.safetensors`` (the
 in-process runtime's per-client pipeline state, e.g. error-feedback residuals, when there is
-any), and ``state.json`` naming both, with ``ServerState.extra`` and the runner's own fields.
+any), ``replicas-XXXXX.safetensors`` (downlink compression's per-client replicas, when on), and
+``state.json`` naming them, with ``ServerState.extra`` and the runner's own fields.
 """
 
 from __future__ import annotations
@@ -26,8 +27,10 @@ STATE_JSON = "state.json"
 
 
 def save_state(directory: Path, state: ServerState, meta: dict[str, Any],
-               client_states: "Optional[Mapping[int, NamedTensors]]" = None) -> None:
-    """Write ``state`` (and the clients' pipeline states) and commit them with ``meta`` in state.json."""
+               client_states: "Optional[Mapping[int, NamedTensors]]" = None,
+               replicas: "Optional[Mapping[int, NamedTensors]]" = None) -> None:
+    """Write ``state`` (and the clients' pipeline states, and downlink compression's replicas)
+    and commit them with ``meta`` in state.json."""
     from safetensors.torch import save_file
 
     directory.mkdir(parents=True, exist_ok=True)
@@ -41,9 +44,12 @@ def save_state(directory: Path, state: ServerState, meta: dict[str, Any],
     record: dict[str, Any] = {**meta, "round": state.round, "file": name, "extra": dict(state.extra)}
     if client_states:
         record["clients"] = _save_clients(directory, state.round, client_states)
+    if replicas:
+        record["replicas"] = _save_clients(directory, state.round, replicas, "replicas")
     _write_json_atomic(directory / STATE_JSON, record)
-    keep = {name, record.get("clients")}
-    for old in [*directory.glob("state-*.safetensors"), *directory.glob("clients-*.safetensors")]:
+    keep = {name, record.get("clients"), record.get("replicas")}
+    for old in [*directory.glob("state-*.safetensors"), *directory.glob("clients-*.safetensors"),
+                *directory.glob("replicas-*.safetensors")]:
         if old.name not in keep:
             old.unlink()
 
@@ -64,21 +70,23 @@ def load_state(directory: Path) -> Optional[tuple[ServerState, dict[str, Any]]]:
     return state, meta
 
 
-def load_client_states(directory: Path, meta: Mapping[str, Any]) -> "dict[int, dict[str, torch.Tensor]]":
-    """The per-client pipeline states committed with the checkpoint whose state.json is ``meta``."""
+def load_client_states(directory: Path, meta: Mapping[str, Any], kind: str = "clients"
+                       ) -> "dict[int, dict[str, torch.Tensor]]":
+    """The per-client pipeline states (``kind="replicas"``: downlink replicas) committed with the
+    checkpoint whose state.json is ``meta``."""
     from safetensors import safe_open
 
-    if not meta.get("clients"):
+    if not meta.get(kind):
         return {}
-    with safe_open(str(directory / meta["clients"]), framework="pt") as f:
+    with safe_open(str(directory / meta[kind]), framework="pt") as f:
         names = json.loads(f.metadata()["clients"])
         return {int(c): {k: f.get_tensor(f"{c}/{k}") for k in keys} for c, keys in names.items()}
 
 
-def _save_clients(directory: Path, rnd: int, client_states: "Mapping[int, NamedTensors]") -> str:
+def _save_clients(directory: Path, rnd: int, client_states: "Mapping[int, NamedTensors]", kind: str = "clients") -> str:
     from safetensors.torch import save_file
 
-    name = f"clients-{rnd:05d}.safetensors"
+    name = f"{kind}-{rnd:05d}.safetensors"
     tensors = {f"{c}/{k}": v.contiguous() for c, s in client_states.items() for k, v in s.items()}
     names = {str(c): list(s) for c, s in client_states.items()}
     tmp = directory / (name + ".tmp")

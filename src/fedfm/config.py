@@ -458,8 +458,56 @@ class SecureAggConfig(_Section):
 CompressorName = Literal["none", "quantize", "topk", "lowrank"]
 
 
+class DownlinkConfig(_Section):
+    """Downlink compression: each client gets a compressed correction of the model it holds
+    (fedfm.compression.downlink); the server keeps one replica per client."""
+
+    name: Union[CompressorName, list[CompressorName]] = "none"
+    bits: int = Field(8, ge=1)
+    """quantize: bits per value (1, 2, 4 or 8)."""
+    fraction: float = Field(0.01, gt=0, le=1)
+    """topk: share of each tensor's coordinates sent."""
+    rank: int = Field(4, ge=1)
+    """lowrank: rank of the factors."""
+
+    @field_validator("name", mode="before")
+    @classmethod
+    def _known_names(cls, value: Any) -> Any:
+        return _known_compressors(value)
+
+    @model_validator(mode="after")
+    def _chain_builds(self) -> "DownlinkConfig":
+        if self.enabled:
+            from fedfm.compression import build_compressor
+
+            try:
+                build_compressor(self.names, self.bits, self.fraction, self.rank)
+            except ValueError as e:
+                raise ValueError(f"compression.downlink.name={self.name!r} cannot be built: {e}") from None
+        return self
+
+    @property
+    def names(self) -> list[str]:
+        return [self.name] if isinstance(self.name, str) else list(self.name)
+
+    @property
+    def enabled(self) -> bool:
+        return any(n != "none" for n in self.names)
+
+
+def _known_compressors(value: Any) -> Any:
+    allowed = get_args(CompressorName)
+    names = value if isinstance(value, list) else [value]
+    unknown = [n for n in names if n not in allowed]
+    if unknown:
+        raise ValueError(f"unknown compressor {unknown[0]!r}; allowed: {', '.join(allowed)}, or a list of them "
+                         "applied in order (e.g. [\"topk\", \"quantize\"])")
+    return value
+
+
 class CompressionConfig(_Section):
-    """Uplink compression of client updates; a list is a chain applied in order."""
+    """Uplink compression of client updates; a list is a chain applied in order. The download
+    is compressed under [compression.downlink]."""
 
     name: Union[CompressorName, list[CompressorName]] = "none"
     bits: int = Field(8, ge=1)
@@ -470,17 +518,12 @@ class CompressionConfig(_Section):
     """lowrank: rank of the factors."""
     error_feedback: bool = True
     """Keep what compression dropped on the client and send it in later rounds (Karimireddy et al. 2019)."""
+    downlink: DownlinkConfig = DownlinkConfig()
 
     @field_validator("name", mode="before")
     @classmethod
     def _known_names(cls, value: Any) -> Any:
-        allowed = get_args(CompressorName)
-        names = value if isinstance(value, list) else [value]
-        unknown = [n for n in names if n not in allowed]
-        if unknown:
-            raise ValueError(f"unknown compressor {unknown[0]!r}; allowed: {', '.join(allowed)}, or a list of them "
-                             "applied in order (e.g. [\"topk\", \"quantize\"])")
-        return value
+        return _known_compressors(value)
 
     @model_validator(mode="after")
     def _chain_builds(self) -> "CompressionConfig":
@@ -715,6 +758,24 @@ class ExperimentConfig(_Section):
                 raise ValueError(f"algorithm.name={name!r} rescales or reads individual updates at the server, "
                                  f"which privacy.mechanism={self.privacy.mechanism!r} does not account for; "
                                  "allowed: privacy.mechanism=\"none\"")
+        return self
+
+    @model_validator(mode="after")
+    def _downlink_fits(self) -> "ExperimentConfig":
+        if not self.compression.downlink.enabled:
+            return self
+        what = "compression.downlink"
+        if self.runtime.name != "inprocess":
+            raise ValueError(f"{what} keeps each client's replica in the simulator and counts the compressed "
+                             "download; over Flower the dense state travels; runtime.name must be 'inprocess'")
+        a = self.adapter
+        if a.heterogeneous or (a.method == "lora" and a.aggregation in ("hetlora", "flexlora", "flora")):
+            what_rank = (f"adapter.aggregation={a.aggregation!r}" if a.aggregation in ("hetlora", "flexlora", "flora")
+                         else "per-client LoRA ranks")
+            raise ValueError(f"{what} corrects the full state a client holds; {what_rank} re-forms what each client "
+                             "holds every round (truncated or fresh factors); use naive, ffa or fedsa with one rank")
+        if self.federation.mode == "async":
+            raise ValueError(f"{what} runs with synchronous rounds (federation.mode = \"sync\")")
         return self
 
     @model_validator(mode="after")

@@ -128,13 +128,25 @@ class Experiment:
                 inprocess = MultiProcessRuntime(trainer, pipeline, cfg.runtime.workers, client_states=states)
             else:
                 inprocess = InProcessRuntime(trainer, pipeline, states)
+        downlink = None
+        if cfg.compression.downlink.enabled:
+            from fedfm.compression import build_compressor
+            from fedfm.compression.downlink import Downlink
+            from fedfm.runtime.store import ClientStateStore
+
+            if runtime is not None:
+                raise ConfigError("compression.downlink is simulated by the in-process runtimes (the server keeps "
+                                  "each client's replica); a runtime given from outside (Flower) sends the dense state")
+            d, budget = cfg.compression.downlink, cfg.runtime.client_state_mb
+            downlink = Downlink(build_compressor(d.names, d.bits, d.fraction, d.rank),
+                                ClientStateStore(memory_budget=None if budget is None else int(budget * 2**20)))
         plan = RoundPlan(algorithm=trainer.algorithm, aggregator=build_aggregator(cfg.aggregator),
                          runtime=runtime or inprocess, num_clients=cfg.federation.clients,  # type: ignore[arg-type]
                          clients_per_round=cfg.federation.clients_per_round, seed=cfg.seed, pipeline=pipeline,
                          max_update_norm=cfg.aggregator.reject_norm,
                          system=build_system(cfg, [len(idx) for idx in data.train]), lora=_lora_strategy(cfg, handle),
                          lora_scaling=cfg.adapter.alpha / cfg.adapter.max_rank(cfg.clients.tiers),
-                         merge_base=BaseMerger(handle.model))
+                         merge_base=BaseMerger(handle.model), downlink=downlink)
         central = None
         if data.public is not None:
             central = LocalTrainer(handle, tokens, {SERVER: data.public}, central_config(cfg), _NoRegularizer())
@@ -144,10 +156,15 @@ class Experiment:
 
     def close(self) -> None:
         """Stop worker processes and remove spilled client states (the runner calls this at the end)."""
-        for obj in (self.plan.runtime, self.client_states):
+        for obj in (self.plan.runtime, self.client_states, self.replicas):
             close = getattr(obj, "close", None)
             if close is not None:
                 close()
+
+    @property
+    def replicas(self) -> Any:
+        """Downlink compression's per-client replicas (checkpointed), None without it."""
+        return None if self.plan.downlink is None else self.plan.downlink.replicas
 
     @property
     def personal(self) -> Any:
@@ -177,6 +194,8 @@ class Experiment:
         params = self.handle.get_params()
         if self.personal is not None:  # personal parameters never reach the server
             params = {k: params[k] for k in self.personal.shared_names(self.handle)}
+        if self.plan.downlink is not None:  # what every client holds before its first download
+            self.plan.downlink.start(params)
         return ServerState(round=0, params=params, opt_state=self.plan.algorithm.init_state(params),
                            extra=self.plan.pipeline.initial_extra())
 

@@ -47,6 +47,9 @@ class RoundPlan:
     system: "Optional[SystemPlan]" = None
     """Client speeds, availability, deadline and async mode (fedfm.federation); None = every sampled
     client trains fully and no simulated time is kept."""
+    downlink: Any = None
+    """Downlink compression (fedfm.compression.downlink.Downlink): each client gets a compressed
+    correction of the replica it holds; None = every client gets the global state."""
 
 
 def run_round(
@@ -76,7 +79,7 @@ def run_round(
         up: "dict[int, int] | int" = 0
         if plan.system.profile.bandwidth is not None:  # transfers take simulated time only then
             full = wire.encoded_size(state.params)
-            planned = make_tasks(state, rnd, cohort, plan)
+            planned = make_tasks(state, rnd, cohort, plan, send=False)
             down = {t.client_id: download_bytes(t, full) for t in planned}
             up = {t.client_id: params_bytes(t, full) for t in planned}
         part = participation(plan.system, rnd, cohort, down, up)
@@ -294,9 +297,13 @@ REPORTED_RANKS = "lora_ranks"
 
 
 def make_tasks(state: ServerState, rnd: int, cohort: Sequence[int], plan: RoundPlan,
-               caps: Optional[dict[int, int]] = None) -> list[ClientTask]:
-    """``caps``: client -> cap on its local steps this round (a straggler's partial work)."""
+               caps: Optional[dict[int, int]] = None, send: bool = True) -> list[ClientTask]:
+    """``caps``: client -> cap on its local steps this round (a straggler's partial work).
+    ``send=False`` plans the tasks without sending anything: with downlink compression, the
+    clients' replicas are left as they are (each task then carries the global params)."""
+    from fedfm.compression.downlink import DOWN_BYTES
     from fedfm.federation import MAX_STEPS
+    from fedfm.pipeline import generator
 
     from fedfm.adapters.ranks import RANK
 
@@ -312,7 +319,12 @@ def make_tasks(state: ServerState, rnd: int, cohort: Sequence[int], plan: RoundP
         catch_up = flora_catch_up(state.extra, c)
         if catch_up:
             own["extra_bytes_down"] = catch_up
-        tasks.append(ClientTask(round=rnd, client_id=c, params=state.params, seed=client_seed(plan.seed, rnd, c),
+        params = state.params
+        if plan.downlink is not None:  # the client trains from its replica, corrected by a compressed message
+            own[DOWN_BYTES] = plan.downlink.nbytes(state.params)
+            if send:
+                _, params = plan.downlink.send(c, state.params, generator(plan.seed, rnd, c, 0xD0))
+        tasks.append(ClientTask(round=rnd, client_id=c, params=params, seed=client_seed(plan.seed, rnd, c),
                                 payload={**payload, **own} if own else payload))
     return tasks
 

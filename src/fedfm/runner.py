@@ -84,6 +84,8 @@ def _execute_built(cfg: ExperimentConfig, out: Path, cb: Callbacks, exp: Any) ->
     state, elapsed = (loaded[0], float(loaded[1].get("elapsed_s", 0.0))) if loaded else (exp.initial_state(), 0.0)
     if loaded and exp.client_states is not None:
         exp.client_states.update(load_client_states(ckpt_dir, loaded[1]))
+    if loaded and exp.replicas is not None:
+        exp.replicas.update(load_client_states(ckpt_dir, loaded[1], "replicas"))
     if loaded:
         exp.restore(state)
     truncate_after(metrics_path, state.round if loaded else -1)
@@ -109,7 +111,7 @@ def _execute_built(cfg: ExperimentConfig, out: Path, cb: Callbacks, exp: Any) ->
         line = _line(report, decision, evals, cost, elapsed)
         append_line(metrics_path, line)
         if state.round % cfg.checkpoint.every == 0 or last:
-            save_state(ckpt_dir, state, {"elapsed_s": elapsed}, exp.client_states)
+            save_state(ckpt_dir, state, {"elapsed_s": elapsed}, exp.client_states, exp.replicas)
         if cb.on_round_end:
             cb.on_round_end(line)
         decision = upcoming

@@ -97,16 +97,19 @@ def payload_bytes(payload: Mapping[str, Any]) -> int:
 
 
 def download_bytes(task: ClientTask, broadcast: int) -> int:
-    """Bytes a client downloads for ``task``: the broadcast (``broadcast`` bytes encoded), or only
-    the LoRA components a lower-rank client holds, plus the algorithm's tensors."""
-    return params_bytes(task, broadcast) + payload_bytes(task.payload) + int(task.payload.get("extra_bytes_down", 0))
+    """Bytes a client downloads for ``task``: the broadcast (``broadcast`` bytes encoded), only
+    the LoRA components a lower-rank client holds, or the compressed correction of what it holds
+    (fedfm.compression.downlink); plus the algorithm's tensors."""
+    from fedfm.compression.downlink import DOWN_BYTES
+
+    params = int(task.payload[DOWN_BYTES]) if DOWN_BYTES in task.payload else params_bytes(task, broadcast)
+    return params + payload_bytes(task.payload) + int(task.payload.get("extra_bytes_down", 0))
 
 
 def params_bytes(task: ClientTask, broadcast: int) -> int:
     """Bytes of the trainable params a client holds for ``task``: the broadcast (``broadcast``
     bytes encoded), or only the LoRA components of a lower-rank client."""
     from fedfm.adapters.ranks import RANK, truncate
-
     rank = task.payload.get(RANK)
     return broadcast if rank is None else wire.encoded_size(truncate(task.params, int(rank)))
 
