@@ -9,11 +9,15 @@ experiment's data, partition, cohort and local steps), each an ordinary `fedfm r
     lora-q4         LoRA, uplink 4 bits
     lora-topk1      LoRA, uplink top-1% coordinates with error feedback
     lora-q4-topk    LoRA, uplink top-1% then 4-bit values (a chain)
+    lora-q4-down4   LoRA, 4 bits both ways: the download is a 4-bit correction of the client's
+                    replica (compression.downlink)
+    lora-q2-down4   LoRA, uplink 2 bits, downlink 4 bits
+    lora-q2-down2   LoRA, 2 bits both ways
 
 Bytes are what fedfm counted from the serialized payloads (metrics.jsonl: bytes_up and
 bytes_down, summed over the cohort); printed per client per round, uplink and downlink apart,
-and as a ratio to full fine-tuning. Compression applies to the uplink; the broadcast is the
-plain trainable state. Accuracy is the final test accuracy. Full fine-tuning uses a lower
+and as a ratio to full fine-tuning. ``compression`` applies to the uplink; without
+``compression.downlink`` the download is the plain trainable state. Accuracy is the final test accuracy. Full fine-tuning uses a lower
 learning rate (5e-5, the usual for full BERT fine-tuning) than the adapters (3e-3).
 
     .venv/bin/python benchmarks/comm.py                 # all variants, config's rounds
@@ -38,6 +42,12 @@ VARIANTS: dict[str, list[str]] = {
     "lora-topk1": ['compression.name="topk"', "compression.fraction=0.01", "compression.error_feedback=true"],
     "lora-q4-topk": ['compression.name=["topk", "quantize"]', "compression.fraction=0.01", "compression.bits=4",
                      "compression.error_feedback=true"],
+    "lora-q4-down4": ['compression.name="quantize"', "compression.bits=4", 'compression.downlink.name="quantize"',
+                      "compression.downlink.bits=4"],
+    "lora-q2-down4": ['compression.name="quantize"', "compression.bits=2", 'compression.downlink.name="quantize"',
+                      "compression.downlink.bits=4"],
+    "lora-q2-down2": ['compression.name="quantize"', "compression.bits=2", 'compression.downlink.name="quantize"',
+                      "compression.downlink.bits=2"],
 }
 
 
