@@ -89,3 +89,25 @@ def test_sliced_float64_arithmetic_equals_the_whole_tensor_at_once(monkeypatch):
     out = tensors.weighted_sum(trees, [0.2, 0.3, 0.5])
     exact = sum(w * t["w"].double() for w, t in zip([0.2, 0.3, 0.5], trees)).float()
     torch.testing.assert_close(out["w"], exact, rtol=1.2e-7, atol=1e-12)  # float64 rounding, then the cast
+
+
+def test_delta_in_place_equals_the_difference_and_never_writes_into_the_start():
+    import torch
+
+    from fedfm.runtime.client import delta_in_place
+
+    g = torch.Generator().manual_seed(0)
+    start = {"a": torch.randn(5, 3, generator=g), "b": torch.randn(4, generator=g).double(),
+             "c": torch.randn(3, generator=g), "n": torch.tensor([3, 4])}
+    start_copy = {k: v.clone() for k, v in start.items()}
+    fresh = {k: (v + 1).clone() for k, v in start.items()}
+    trained = {"a": fresh["a"], "b": fresh["b"].float(),  # another dtype: a new tensor
+               "c": start["c"],  # the start itself (a client that did not train): never written
+               "n": fresh["n"]}
+    expect = {k: trained[k] - start[k] for k in start}
+    out = delta_in_place(trained, start)
+    for k in start:
+        assert torch.equal(out[k], expect[k]) and out[k].dtype == expect[k].dtype, k
+        assert torch.equal(start[k], start_copy[k]), k  # the start is untouched
+    assert out["a"] is fresh["a"]  # the trained copy became the delta: no second copy
+    assert out["c"] is not start["c"] and torch.count_nonzero(out["c"]) == 0

@@ -12,7 +12,6 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Mapping, Optional
 
 from fedfm import wire
-from fedfm.tensors import sub
 from fedfm.trainers.base import ClientTrainer
 from fedfm.types import ClientResult, ClientTask, NamedTensors
 
@@ -135,13 +134,33 @@ def client_step(task: ClientTask, trained: NamedTensors, pipeline: "UpdatePipeli
     personal = {k[n:]: v for k, v in trained.items() if k.startswith(PERSONAL_STATE)}
     if RANK in metrics:  # a self-pruning client sends at the rank it trained at (HetLoRA)
         task = replace(task, payload={**task.payload, RANK: int(metrics[RANK])})
-    delta = sub({k: trained[k] for k in task.params}, task.params)
+    delta = delta_in_place({k: trained[k] for k in task.params}, task.params)
     pipe, algo, own = split_state(state)
     out = pipeline.client_step(delta, task, pipe)
     if has_client_state(algorithm) and out.payload is not None:
         # a client that sends nothing (a NaN/Inf update) keeps its old state: the update never counts
         algo = algorithm.client_finish(task, delta, metrics) or {}
     return out, merge_state(out.state, algo, personal or own)
+
+
+def delta_in_place(trained: NamedTensors, start: NamedTensors) -> "dict[str, torch.Tensor]":
+    """``trained - start``, written into ``trained``'s own tensors where that is safe.
+
+    A trainer hands back fresh copies of the trained values (ModelHandle.get_params), used once,
+    so the delta can take their place instead of being a second copy: on full fine-tuning of an
+    11M-parameter model that is 44 MB less at the peak of every client's turn. A tensor that
+    shares memory with ``start``, needs a gradient, or differs in dtype or shape is left alone
+    and the delta is a new tensor, as ``sub`` computes it; the values are the same either way.
+    """
+    out = {}
+    for k, t in trained.items():
+        s = start[k]
+        if (t.is_floating_point() and t.dtype == s.dtype and t.shape == s.shape and not t.requires_grad
+                and t.untyped_storage().data_ptr() != s.untyped_storage().data_ptr()):
+            out[k] = t.sub_(s)
+        else:
+            out[k] = t - s
+    return out
 
 
 def client_reply(task: ClientTask, trained: NamedTensors, metrics: Mapping[str, float], pipeline: "UpdatePipeline",
