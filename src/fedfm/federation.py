@@ -143,6 +143,10 @@ def run_async_round(state: "ServerState", plan: "RoundPlan", on_result: Optional
     from fedfm.round import make_tasks, screen
     from fedfm.types import ModelUpdate, RoundReport, ServerState
 
+    if plan.downlink is not None:  # the config refuses it too; a plan built in code must not slip by
+        raise ValueError("downlink compression runs with synchronous rounds; federation.mode = \"async\" "
+                         "sends clients tasks that stay in flight across server steps")
+
     start = time.perf_counter()
     system = plan.system
     assert system is not None and system.mode == "async"

@@ -9,7 +9,8 @@ Why compress the header: it names every tensor, and a compressed update is many 
 plain JSON header was 18% of a 4-bit LoRA payload and 56% of a top-1% one. Names repeat
 ("...layer.3.attention.self.query.lora_A.default.weight.q"), and zlib shrinks the header about
 8x. Both sides rebuild the standard safetensors bytes on decode, which the safetensors library
-then reads and validates.
+then reads and validates. The header's compressed length is zlib's (level 6): a build linked
+against another zlib (zlib-ng) may count a few bytes more or less per payload.
 """
 
 from __future__ import annotations
@@ -112,13 +113,39 @@ def decode(blob: bytes) -> "dict[str, torch.Tensor]":
 
     Raises:
         ValueError: for bytes that are not an encoding (truncated, a header that does not
-            decompress or exceeds MAX_HEADER); safetensors' own errors for an invalid header.
+            decompress, exceeds MAX_HEADER or is followed by stray bytes, an order naming tensors
+            the payload lacks); safetensors' own errors for an invalid header.
     """
     import json
-    import struct
-    import zlib
 
     from safetensors.torch import load
+
+    plain, text = _plain(blob)
+    tensors = load(plain)
+    order = json.loads(text).get("__metadata__", {}).get("order", "")
+    if not order:
+        return tensors
+    names = order.split(",")
+    if sorted(names) != sorted(tensors):
+        raise ValueError(f"payload order lists {len(names)} names for {len(tensors)} tensors")
+    return {k: tensors[k] for k in names}
+
+
+def as_safetensors(blob: bytes) -> bytes:
+    """The plain safetensors bytes of an encoding (its header decompressed), for other readers.
+
+    Raises:
+        ValueError: as :func:`decode` for bytes that are not an encoding.
+    """
+    return _plain(blob)[0]
+
+
+def _plain(blob: bytes) -> tuple[bytes, bytes]:
+    """(the standard safetensors bytes, the header JSON) of an encoding. This copies the data
+    once more (safetensors' reader takes one buffer); decoding happens only where bytes really
+    cross a process, and the copy is freed with the call."""
+    import struct
+    import zlib
 
     if len(blob) < 8:
         raise ValueError(f"a payload is at least 8 bytes, got {len(blob)}")
@@ -132,18 +159,7 @@ def decode(blob: bytes) -> "dict[str, torch.Tensor]":
         raise ValueError(f"payload header does not decompress: {e}") from None
     if inflater.unconsumed_tail or not inflater.eof:
         raise ValueError(f"payload header is truncated or longer than {MAX_HEADER} bytes decompressed")
-    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as the library writes it
-    tensors = load(struct.pack("<Q", len(text)) + text + blob[8 + n:])
-    order = json.loads(text).get("__metadata__", {}).get("order", "")
-    return {k: tensors[k] for k in order.split(",")} if order else tensors
-
-
-def as_safetensors(blob: bytes) -> bytes:
-    """The plain safetensors bytes of an encoding (its header decompressed), for other readers."""
-    import struct
-    import zlib
-
-    (n,) = struct.unpack("<Q", blob[:8])
-    text = zlib.decompress(blob[8:8 + n])
-    text += b" " * (-len(text) % 8)
-    return struct.pack("<Q", len(text)) + text + blob[8 + n:]
+    if inflater.unused_data:
+        raise ValueError(f"payload header has {len(inflater.unused_data)} stray bytes after its end")
+    padded = text + b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as the library writes it
+    return struct.pack("<Q", len(padded)) + padded + blob[8 + n:], text

@@ -29,35 +29,75 @@ class Recorder:
 
 
 def test_each_client_trains_from_its_replica_and_pays_the_compressed_bytes(tiny_cfg):
+    """The replica is the old one plus the decoded 4-bit message (recomputed here with the codec
+    and the round's generator); the client trains from it and its update is measured from it."""
+    from fedfm.compression import Quantize
+    from fedfm.pipeline import generator
+
     exp = Experiment.build(tiny_cfg(*DOWN, "federation.rounds=2"))
     rec = Recorder(exp.plan.runtime)
+    trainer = exp.plan.runtime.trainer
+    trained_by = {}
+    inner = trainer.train_many
+
+    def recording(tasks):  # copies: the client's turn turns the trained tensors into the delta in place
+        out = inner(tasks)
+        for t, (p, _) in zip(tasks, out):
+            trained_by[t.client_id] = {k: v.clone() for k, v in p.items()}
+        return out
+
+    trainer.train_many = recording
     plan = dataclasses.replace(exp.plan, runtime=rec)
     state = exp.initial_state()
     x0 = {k: v.clone() for k, v in state.params.items()}
     torch.testing.assert_close(exp.replicas[INITIAL], x0, rtol=0, atol=0)
-    for _ in range(2):
+    codec = Quantize(bits=4)
+    for rnd in (1, 2):
         before = {k: v.clone() for k, v in state.params.items()}
-        old = {c: dict(exp.replicas.get(c) or x0) for c in range(exp.cfg.federation.clients)}
+        old = {c: {k: v.clone() for k, v in (exp.replicas.get(c) or x0).items()}
+               for c in range(exp.cfg.federation.clients)}
         rec.sent.clear(), rec.results.clear()
         state, report = run_round(state, plan)
         for task, result in zip(rec.sent, rec.results):
-            held = exp.replicas[task.client_id]
-            # what the client trained from is the replica the server keeps
-            torch.testing.assert_close(task.params, held, rtol=0, atol=0)
-            size = exp.plan.downlink.nbytes(before)
-            assert task.payload[DOWN_BYTES] == size == result.bytes_down
-            # the message itself: encode(global - old replica) has exactly that length
-            payload, _ = exp.plan.downlink.codec.encode(
-                {k: v - old[task.client_id][k] for k, v in before.items()}, None, torch.Generator())
-            assert size == len(wire.encode(payload))
-            assert size < wire.encoded_size(before) / 4
-            # the replica is the global state up to one 4-bit grid step
-            for k, v in before.items():
-                gap = (v - old[task.client_id][k]).abs().max()
-                assert (held[k] - v).abs().max() <= gap * 2 / 15 + 1e-6, k
+            c = task.client_id
+            diff = {k: v - old[c][k] for k, v in before.items()}
+            payload, _ = codec.encode(diff, None, generator(exp.cfg.seed, rnd, c, 0xD0))
+            got = codec.decode(payload, diff)
+            expect = {k: before[k] if v.numel() < codec.min_numel else old[c][k] + got[k] for k, v in diff.items()}
+            torch.testing.assert_close(task.params, expect, rtol=0, atol=0)
+            torch.testing.assert_close(exp.replicas[c], expect, rtol=0, atol=0)
+            assert result.bytes_down == len(wire.encode(payload)) < wire.encoded_size(before) / 4
+            # the update is measured from the replica the client trained from, not the global state
+            for k, v in trained_by[c].items():
+                torch.testing.assert_close(result.update.delta[k] if result.update else result.payload[k],
+                                           v - expect[k], rtol=0, atol=0)
+            if rnd == 2:  # replicas now lag the global state, so the two differ
+                assert any(not torch.equal(expect[k], before[k]) for k in before)
         assert report.bytes_down == sum(r.bytes_down for r in rec.results)
-    # the server adds the clients' updates (measured from their replicas) to the exact global state
-    assert any(not torch.equal(state.params[k], before[k]) for k in before)
+
+
+def test_planning_leaves_replicas_alone_and_dropped_clients_receive_nothing(tiny_cfg):
+    """With bandwidth in the simulated clock, the round plans every sampled client's transfer
+    (the compressed size) before availability drops some: only the clients that train get a
+    download, and only their replicas move."""
+    exp = Experiment.build(tiny_cfg(*DOWN, "federation.rounds=3", "clients.availability=0.5",
+                                    "clients.bandwidth=1e5"))
+    rec = Recorder(exp.plan.runtime)
+    plan = dataclasses.replace(exp.plan, runtime=rec)
+    state = exp.initial_state()
+    dropped_any = False
+    for _ in range(3):
+        keep = {c: {k: v.clone() for k, v in r.items()} for c, r in exp.replicas.items()}
+        rec.sent.clear(), rec.results.clear()
+        state, report = run_round(state, plan)
+        trained = {t.client_id for t in rec.sent}
+        dropped_any |= len(trained) < exp.cfg.federation.clients_per_round
+        for c, r in keep.items():
+            if c not in trained:
+                torch.testing.assert_close(exp.replicas[c], r, rtol=0, atol=0)
+        assert set(exp.replicas) - {INITIAL} - set(keep) <= trained
+        assert report.bytes_down == len(trained) * exp.plan.downlink.nbytes(state.params)
+    assert dropped_any
 
 
 def test_resume_with_downlink_equals_an_uninterrupted_run(tiny_cfg, interrupted_equals_full):

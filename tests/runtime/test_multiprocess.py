@@ -327,3 +327,21 @@ def test_share_frozen_weights_skips_trainable_tied_and_running_stats():
     assert not model[2].weight.is_shared() and not model[3].bias.is_shared()  # trainable
     assert not any(b.is_shared() for b in model[1].buffers())  # BatchNorm running stats
     assert share_frozen_weights(model) == 0  # already shared
+
+
+def test_only_a_shared_broadcast_is_kept_encoded():
+    """One broadcast for many tasks is encoded once and kept; a client's own params (downlink
+    replicas) are encoded when sent and not kept; sizes are the encodings' lengths."""
+    import torch
+
+    from fedfm import wire
+    from fedfm.runtime.multiprocess import _Broadcasts
+
+    common, own = {"w": torch.ones(3)}, {"w": torch.zeros(5)}
+    b = _Broadcasts()
+    keys = [b.add(common), b.add(own), b.add(common)]
+    assert keys == [0, 1, 0] and b.shared(0) and not b.shared(1)
+    assert b.sizes == [len(wire.encode(common)), len(wire.encode(own))]
+    assert b.blob(0) is b.blob(0)  # kept
+    first = b.blob(1)
+    assert first == wire.encode(own) and b.blob(1) is not first  # encoded again if ever asked: not kept

@@ -109,3 +109,23 @@ def test_bad_bytes_are_refused_with_the_reason():
     bomb = zlib.compress(b" " * (wire.MAX_HEADER + 10))
     with pytest.raises(ValueError, match="longer than"):
         wire.decode(struct.pack("<Q", len(bomb)) + bomb)
+
+
+def test_stray_bytes_and_a_wrong_order_are_refused():
+    import struct
+    import zlib
+
+    blob = wire.encode({"w": torch.arange(4.0)})
+    n = int.from_bytes(blob[:8], "little")
+    header = blob[8:8 + n] + b"xx"  # stray bytes after the compressed header's end
+    with pytest.raises(ValueError, match="stray bytes"):
+        wire.decode(struct.pack("<Q", len(header)) + header + blob[8 + n:])
+    import json
+
+    text = json.loads(zlib.decompress(blob[8:8 + n]))
+    text["__metadata__"]["order"] = "w,v"
+    bad = zlib.compress(json.dumps(text, separators=(",", ":")).encode())
+    with pytest.raises(ValueError, match="order lists 2 names for 1 tensors"):
+        wire.decode(struct.pack("<Q", len(bad)) + bad + blob[8 + n:])
+    with pytest.raises(ValueError, match="at least 8 bytes"):
+        wire.as_safetensors(b"abc")

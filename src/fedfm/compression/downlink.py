@@ -20,8 +20,11 @@ Bytes are the encoded payload (exactly, as ``wire.encode`` writes it). Every cli
 the initial trainable state (round 0), which it builds itself from the experiment's config and
 seed, as it builds the frozen base weights; full fine-tuning's byte counts make the same
 assumption about the pretrained weights. The server keeps replicas in a
-:class:`~fedfm.runtime.store.ClientStateStore` (in RAM up to a budget, the rest on disk) and
-checkpoints them, so a resumed run equals an uninterrupted one.
+:class:`~fedfm.runtime.store.ClientStateStore` (in RAM up to ``runtime.client_state_mb``, the
+rest on disk; a budget of its own, beside the client states') and checkpoints them, so a
+resumed run equals an uninterrupted one. Memory: one trainable state per client that has taken
+part (LoRA on MiniLM: 1.4 MB; full fine-tuning: the whole model), so set the budget for full
+fine-tuning of many clients.
 
 Written here because no library does it: codecs (fedfm.compression) are reused as they are.
 """
@@ -85,8 +88,8 @@ class Downlink:
         diff = {k: (v - held[k]) if v.is_floating_point() else v for k, v in params.items()}
         payload, _ = self.codec.encode(diff, None, generator)
         got = self.codec.decode(payload, diff)
-        # float tensors: what the client adds; others (rare: step counters) are sent as they are
-        new = {k: (held[k] + got[k].to(v.dtype)) if v.is_floating_point() else got[k].clone()
-               for k, v in params.items()}
+        # what the client adds; a tensor the codec passed through whole (quantize's small ones, and
+        # non-float ones, sent as they are) makes the replica exactly the global value
+        new = {k: v.clone() if got[k] is diff[k] else held[k] + got[k].to(v.dtype) for k, v in params.items()}
         self.replicas[client] = new
         return payload, new

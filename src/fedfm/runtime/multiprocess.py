@@ -147,14 +147,8 @@ class MultiProcessRuntime:
         if self._closed:
             raise RuntimeError("MultiProcessRuntime is closed")
         run_id = next(self._runs)
-        blobs: list[bytes] = []  # the broadcast is encoded once per distinct params object
-        key_of: dict[int, int] = {}
-        task_key: list[int] = []
-        for task in tasks:
-            if id(task.params) not in key_of:
-                key_of[id(task.params)] = len(blobs)
-                blobs.append(wire.encode(task.params))
-            task_key.append(key_of[id(task.params)])
+        blobs = _Broadcasts()  # the broadcast is encoded once per distinct params object
+        task_key = [blobs.add(task.params) for task in tasks]
         # per task: its result and the client's new state (_KEEP: leave it), once the reply is in
         results: list[Optional[tuple[ClientResult, Any]]] = [None] * len(tasks)
         # a client listed twice trains its second task after its first one's state is kept, as
@@ -222,7 +216,7 @@ class MultiProcessRuntime:
         child_end.close()
         return _Worker(process, parent_end)
 
-    def _dispatch(self, todo: deque, tasks: Sequence[ClientTask], blobs: list[bytes], task_key: list[int],
+    def _dispatch(self, todo: deque, tasks: Sequence[ClientTask], blobs: "_Broadcasts", task_key: list[int],
                   run_id: int, results: list, earlier: list[int], delivered: int) -> None:
         """Hand the next tasks to the idle workers, replacing dead ones first. A task waits
         while an earlier task of the same client is not delivered yet."""
@@ -242,18 +236,20 @@ class MultiProcessRuntime:
             todo.remove(i)
             task, key = tasks[i], (run_id, task_key[i])
             state = self.client_states.get(task.client_id)
-            message = (key, None if key in w.sent else blobs[task_key[i]], replace(task, params={}),
-                       None if state is None else wire.encode(state))
+            shared = blobs.shared(task_key[i])  # one client's own params (downlink replicas) are not kept
+            message = (key, None if key in w.sent else blobs.blob(task_key[i]), replace(task, params={}),
+                       None if state is None else wire.encode(state), shared)
             try:
                 w.conn.send(message)
             except (OSError, ValueError) as e:  # the worker died between the liveness check and the send
-                results[i] = (self._failure(task, len(blobs[task_key[i]]), _death(w, e)), _KEEP)
+                down = download_bytes(task, blobs.sizes[task_key[i]])
+                results[i] = (self._failure(task, down, _death(w, e)), _KEEP)
                 self._slots[slot] = None
                 continue
-            w.sent = {k for k in w.sent if k[0] == run_id} | {key}
+            w.sent = {k for k in w.sent if k[0] == run_id} | ({key} if shared else set())
             w.task = i
 
-    def _collect(self, tasks: Sequence[ClientTask], blobs: list[bytes], task_key: list[int],
+    def _collect(self, tasks: Sequence[ClientTask], blobs: "_Broadcasts", task_key: list[int],
                  results: list) -> None:
         """Wait until at least one busy worker replies or dies, and record what came back."""
         busy = [w for w in self._slots if w is not None and w.task is not None]
@@ -265,7 +261,7 @@ class MultiProcessRuntime:
                 continue
             i = w.task
             assert i is not None
-            task, down = tasks[i], download_bytes(tasks[i], len(blobs[task_key[i]]))
+            task, down = tasks[i], download_bytes(tasks[i], blobs.sizes[task_key[i]])
             reply, reason = None, None
             try:
                 if w.conn.poll():  # a reply (even from a worker that exited right after sending)
@@ -306,6 +302,41 @@ class MultiProcessRuntime:
                 _terminate(w, grace=0.0)
                 _release(w)
                 self._slots[slot] = None
+
+
+class _Broadcasts:
+    """A run's distinct params objects (one broadcast, or one per client with downlink
+    compression), each encoded when first sent. Only a broadcast that several tasks share is kept
+    encoded, here and in the workers; a client's own params are sent once and dropped."""
+
+    def __init__(self) -> None:
+        self.params: list = []
+        self.sizes: list[int] = []  # encoded sizes (wire.encoded_size: no encoding needed)
+        self.uses: list[int] = []
+        self._key: dict[int, int] = {}
+        self._blobs: dict[int, bytes] = {}
+
+    def add(self, params: Any) -> int:
+        """The key of ``params`` (by identity), added if new."""
+        k = self._key.get(id(params))
+        if k is None:
+            k = self._key[id(params)] = len(self.params)
+            self.params.append(params)
+            self.sizes.append(wire.encoded_size(params))
+            self.uses.append(0)
+        self.uses[k] += 1
+        return k
+
+    def shared(self, k: int) -> bool:
+        return self.uses[k] > 1
+
+    def blob(self, k: int) -> bytes:
+        blob = self._blobs.get(k)
+        if blob is None:
+            blob = wire.encode(self.params[k])
+            if self.shared(k):
+                self._blobs[k] = blob
+        return blob
 
 
 def share_frozen_weights(model: Any) -> int:
@@ -365,13 +396,14 @@ def _serve(conn: Connection, trainer: ClientTrainer, pipeline: UpdatePipeline, i
             return  # the parent is gone
         if message is _STOP:
             return
-        key, blob, task, state_bytes = message
-        if blob is not None:
+        key, blob, task, state_bytes, shared = message
+        if blob is not None and shared:
             blobs = {k: v for k, v in blobs.items() if k[0] == key[0]}  # keep this run's broadcasts only
             blobs[key] = blob
         try:
             state = wire.decode(state_bytes) if state_bytes is not None else None
-            reply = train_client(trainer, replace(task, params=wire.decode(blobs[key])), pipeline, state)
+            params = wire.decode(blob if blob is not None else blobs[key])
+            reply = train_client(trainer, replace(task, params=params), pipeline, state)
             out: tuple = (reply.up, dict(reply.metrics), wire.encode(reply.state) if reply.state else None,
                           reply.error, None)
         except Exception as e:
