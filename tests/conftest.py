@@ -22,6 +22,19 @@ TINY = [
 ]
 
 
+class Recorder:
+    """Wraps a runtime and keeps the tasks it was asked to send and the results it handed back."""
+
+    def __init__(self, inner):
+        self.inner, self.sent, self.results = inner, [], []
+
+    def run(self, tasks, on_result=None):
+        self.sent.extend(tasks)
+        out = self.inner.run(tasks, on_result)
+        self.results.extend(out)
+        return out
+
+
 @pytest.fixture
 def tiny_cfg():
     """A config factory: the tiny experiment with extra ``key=value`` overrides."""

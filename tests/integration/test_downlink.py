@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+from conftest import Recorder
 import torch
 
 from fedfm import wire
@@ -15,17 +16,6 @@ from fedfm.experiment import Experiment
 from fedfm.round import run_round
 
 DOWN = ['adapter.method="lora"', 'compression.downlink.name="quantize"', "compression.downlink.bits=4"]
-
-
-class Recorder:
-    def __init__(self, inner):
-        self.inner, self.sent, self.results = inner, [], []
-
-    def run(self, tasks, on_result=None):
-        self.sent.extend(tasks)
-        out = self.inner.run(tasks, on_result)
-        self.results.extend(out)
-        return out
 
 
 def test_each_client_trains_from_its_replica_and_pays_the_compressed_bytes(tiny_cfg):

@@ -5,23 +5,11 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+from conftest import Recorder
 
 from fedfm import wire
 from fedfm.experiment import Experiment
 from fedfm.round import run_round
-
-
-class Recorder:
-    """Wraps a runtime and keeps what it was asked to send."""
-
-    def __init__(self, inner):
-        self.inner, self.sent, self.results = inner, [], []
-
-    def run(self, tasks, on_result=None):
-        self.sent.extend(tasks)
-        out = self.inner.run(tasks, on_result)
-        self.results.extend(out)
-        return out
 
 
 @pytest.mark.parametrize("method", ["lora", "head", "full"])

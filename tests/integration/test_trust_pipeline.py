@@ -15,6 +15,7 @@ import logging
 
 import dp_accounting as dp
 import pytest
+from conftest import Recorder
 import torch
 
 from fedfm.checkpoint import load_client_states, load_state
@@ -34,18 +35,6 @@ VOLATILE = ("wall_s", "elapsed_s")
 
 def _lines(out):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-
-
-class Recorder:
-    """Wraps a runtime and keeps the results it handed back."""
-
-    def __init__(self, inner):
-        self.inner, self.results = inner, []
-
-    def run(self, tasks, on_result=None):
-        out = self.inner.run(tasks, on_result)
-        self.results.extend(out)
-        return out
 
 
 def _with_pipeline(exp, cfg):
