@@ -54,9 +54,11 @@ VARIANTS: dict[str, list[str]] = {
 def run_variant(name: str, out: Path, a: argparse.Namespace) -> dict:
     run_dir = out / name
     sets = VARIANTS[name] + [f"runtime.threads={a.threads}"] + ([f"federation.rounds={a.rounds}"] if a.rounds else [])
-    args = ["--resume", str(run_dir)] if (run_dir / "config.toml").is_file() else ["--out", str(run_dir)]
-    cmd = [str(Path(sys.executable).parent / "fedfm"), "run", str(a.config), *args, "--quiet"]
-    cmd += [x for s in sets for x in ("--set", s)]
+    cmd = [str(Path(sys.executable).parent / "fedfm"), "run"]
+    if (run_dir / "config.toml").is_file():  # an interrupted variant continues with its saved config
+        cmd += ["--resume", str(run_dir), "--quiet"]
+    else:
+        cmd += [str(a.config), "--out", str(run_dir), "--quiet", *(x for s in sets for x in ("--set", s))]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     if not (run_dir / "summary.json").is_file():
         subprocess.run(cmd, check=True, env=env)
