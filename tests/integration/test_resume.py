@@ -75,3 +75,13 @@ def test_run_refuses_existing_run_dir(tmp_path, tiny_cfg):
 def test_resume_needs_a_run_dir(tmp_path):
     with pytest.raises(ConfigError, match="not a run directory"):
         resume(tmp_path)
+
+
+def test_every_module_trains_from_the_start(tiny_cfg):
+    """from_pretrained leaves modules in eval mode and peft adds its own in train mode; the handle
+    puts the whole tree in one mode, so the first round trains with dropout exactly as a round
+    after an evaluation does (a resumed run once trained its first round without dropout)."""
+    from fedfm.experiment import Experiment
+
+    exp = Experiment.build(tiny_cfg('model.name="minilm-l6"', 'adapter.method="lora"'))  # from_pretrained
+    assert all(m.training for m in exp.handle.model.modules())

@@ -27,6 +27,12 @@ class ModelHandle:
 
     @classmethod
     def wrap(cls, model: Any, tokenizer: Any) -> "ModelHandle":
+        # One mode for the whole tree. from_pretrained leaves every module in eval mode, and peft
+        # then adds its layers in train mode with a top-level flag of True, so a trainer that
+        # checks the top-level flag would train without the base model's dropout until something
+        # called model.train(): a resumed run then differed from an uninterrupted one, whose
+        # initial evaluation had restored train mode everywhere.
+        model.train()
         trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
         return cls(model=model, tokenizer=tokenizer, trainable=trainable)
 
