@@ -458,9 +458,8 @@ class SecureAggConfig(_Section):
 CompressorName = Literal["none", "quantize", "topk", "lowrank"]
 
 
-class DownlinkConfig(_Section):
-    """Downlink compression: each client gets a compressed correction of the model it holds
-    (fedfm.compression.downlink); the server keeps one replica per client."""
+class _Codec(_Section):
+    """A codec or chain of codecs and its parameters (fedfm.compression.build_compressor)."""
 
     name: Union[CompressorName, list[CompressorName]] = "none"
     bits: int = Field(8, ge=1)
@@ -473,18 +472,13 @@ class DownlinkConfig(_Section):
     @field_validator("name", mode="before")
     @classmethod
     def _known_names(cls, value: Any) -> Any:
-        return _known_compressors(value)
-
-    @model_validator(mode="after")
-    def _chain_builds(self) -> "DownlinkConfig":
-        if self.enabled:
-            from fedfm.compression import build_compressor
-
-            try:
-                build_compressor(self.names, self.bits, self.fraction, self.rank)
-            except ValueError as e:
-                raise ValueError(f"compression.downlink.name={self.name!r} cannot be built: {e}") from None
-        return self
+        allowed = get_args(CompressorName)
+        names = value if isinstance(value, list) else [value]
+        unknown = [n for n in names if n not in allowed]
+        if unknown:
+            raise ValueError(f"unknown compressor {unknown[0]!r}; allowed: {', '.join(allowed)}, or a list of them "
+                             "applied in order (e.g. [\"topk\", \"quantize\"])")
+        return value
 
     @property
     def names(self) -> list[str]:
@@ -494,53 +488,38 @@ class DownlinkConfig(_Section):
     def enabled(self) -> bool:
         return any(n != "none" for n in self.names)
 
+    def _check_builds(self, key: str, error_feedback: bool = False) -> None:
+        if self.enabled:
+            from fedfm.compression import build_compressor
 
-def _known_compressors(value: Any) -> Any:
-    allowed = get_args(CompressorName)
-    names = value if isinstance(value, list) else [value]
-    unknown = [n for n in names if n not in allowed]
-    if unknown:
-        raise ValueError(f"unknown compressor {unknown[0]!r}; allowed: {', '.join(allowed)}, or a list of them "
-                         "applied in order (e.g. [\"topk\", \"quantize\"])")
-    return value
+            try:
+                build_compressor(self.names, self.bits, self.fraction, self.rank, error_feedback)
+            except ValueError as e:
+                raise ValueError(f"{key}={self.name!r} cannot be built: {e}") from None
 
 
-class CompressionConfig(_Section):
+class DownlinkConfig(_Codec):
+    """Downlink compression: each client gets a compressed correction of the model it holds
+    (fedfm.compression.downlink); the server keeps one replica per client."""
+
+    @model_validator(mode="after")
+    def _chain_builds(self) -> "DownlinkConfig":
+        self._check_builds("compression.downlink.name")
+        return self
+
+
+class CompressionConfig(_Codec):
     """Uplink compression of client updates; a list is a chain applied in order. The download
     is compressed under [compression.downlink]."""
 
-    name: Union[CompressorName, list[CompressorName]] = "none"
-    bits: int = Field(8, ge=1)
-    """quantize: bits per value (1, 2, 4 or 8)."""
-    fraction: float = Field(0.01, gt=0, le=1)
-    """topk: share of each tensor's coordinates sent."""
-    rank: int = Field(4, ge=1)
-    """lowrank: rank of the factors."""
     error_feedback: bool = True
     """Keep what compression dropped on the client and send it in later rounds (Karimireddy et al. 2019)."""
     downlink: DownlinkConfig = DownlinkConfig()
 
-    @field_validator("name", mode="before")
-    @classmethod
-    def _known_names(cls, value: Any) -> Any:
-        return _known_compressors(value)
-
     @model_validator(mode="after")
     def _chain_builds(self) -> "CompressionConfig":
-        names = [self.name] if isinstance(self.name, str) else list(self.name)
-        if all(n == "none" for n in names):
-            return self
-        from fedfm.compression import build_compressor
-
-        try:
-            build_compressor(names, self.bits, self.fraction, self.rank, self.error_feedback)
-        except ValueError as e:
-            raise ValueError(f"compression.name={self.name!r} cannot be built: {e}") from None
+        self._check_builds("compression.name", self.error_feedback)
         return self
-
-    @property
-    def enabled(self) -> bool:
-        return any(n != "none" for n in ([self.name] if isinstance(self.name, str) else self.name))
 
 
 class ExperimentConfig(_Section):
