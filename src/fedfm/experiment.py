@@ -118,10 +118,7 @@ class Experiment:
         pipeline = build_pipeline(cfg, [len(idx) for idx in data.train])
         inprocess: Any = None
         if runtime is None:
-            from fedfm.runtime.store import ClientStateStore
-
-            budget = cfg.runtime.client_state_mb
-            states = ClientStateStore(memory_budget=None if budget is None else int(budget * 2**20))
+            states = _state_store(cfg)
             if cfg.runtime.workers > 1:
                 from fedfm.runtime.multiprocess import MultiProcessRuntime
 
@@ -132,14 +129,12 @@ class Experiment:
         if cfg.compression.downlink.enabled:
             from fedfm.compression import build_compressor
             from fedfm.compression.downlink import Downlink
-            from fedfm.runtime.store import ClientStateStore
 
             if runtime is not None:
                 raise ConfigError("compression.downlink is simulated by the in-process runtimes (the server keeps "
                                   "each client's replica); a runtime given from outside (Flower) sends the dense state")
-            d, budget = cfg.compression.downlink, cfg.runtime.client_state_mb
-            downlink = Downlink(build_compressor(d.names, d.bits, d.fraction, d.rank),
-                                ClientStateStore(memory_budget=None if budget is None else int(budget * 2**20)))
+            d = cfg.compression.downlink
+            downlink = Downlink(build_compressor(d.names, d.bits, d.fraction, d.rank), _state_store(cfg))
         plan = RoundPlan(algorithm=trainer.algorithm, aggregator=build_aggregator(cfg.aggregator),
                          runtime=runtime or inprocess, num_clients=cfg.federation.clients,  # type: ignore[arg-type]
                          clients_per_round=cfg.federation.clients_per_round, seed=cfg.seed, pipeline=pipeline,
@@ -338,3 +333,11 @@ class _NoRegularizer:
 
     def client_regularizer(self, params, anchor, payload):  # type: ignore[no-untyped-def]
         return None
+
+
+def _state_store(cfg: ExperimentConfig) -> Any:
+    """A per-client store in RAM up to ``runtime.client_state_mb``, the rest on disk."""
+    from fedfm.runtime.store import ClientStateStore
+
+    budget = cfg.runtime.client_state_mb
+    return ClientStateStore(memory_budget=None if budget is None else int(budget * 2**20))

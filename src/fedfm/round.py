@@ -309,6 +309,7 @@ def make_tasks(state: ServerState, rnd: int, cohort: Sequence[int], plan: RoundP
 
     payload = {**plan.algorithm.client_payload(state.opt_state), **plan.pipeline.client_payload(state.extra)}
     caps = caps or {}
+    down_bytes = plan.downlink.nbytes(state.params) if plan.downlink is not None else 0  # same layout for all
     tasks = []
     for c in cohort:
         rank = plan.pipeline.rank_of(c)
@@ -321,7 +322,7 @@ def make_tasks(state: ServerState, rnd: int, cohort: Sequence[int], plan: RoundP
             own["extra_bytes_down"] = catch_up
         params = state.params
         if plan.downlink is not None:  # the client trains from its replica, corrected by a compressed message
-            own[DOWN_BYTES] = plan.downlink.nbytes(state.params)
+            own[DOWN_BYTES] = down_bytes
             if send:
                 _, params = plan.downlink.send(c, state.params, generator(plan.seed, rnd, c, 0xD0))
         tasks.append(ClientTask(round=rnd, client_id=c, params=params, seed=client_seed(plan.seed, rnd, c),
